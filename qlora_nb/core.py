@@ -7,7 +7,7 @@ __all__ = ['RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolve_compute_dtype',
            'DataSettings', 'TrainSettings', 'EvalSettings', 'OutputSettings', 'RunConfig', 'ConfigError', 'validate',
            'read_config', 'apply_overrides', 'presets_table', 'load_config', 'check_gpu_fit']
 
-# %% ../nbs/00_core.ipynb #a87237c9
+# %% ../nbs/00_core.ipynb #b16890ee
 import difflib, json, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import torch, yaml
 from fastcore.basics import patch
 
-# %% ../nbs/00_core.ipynb #bfeb1ef3
+# %% ../nbs/00_core.ipynb #01dfe58a
 def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'float32'
                          ) -> torch.dtype:
     "The torch dtype for `name`; 'auto' picks bf16 where the hardware runs it, else fp16 on GPU, else fp32."
@@ -25,7 +25,7 @@ def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'f
     # a CPU without native bf16 emulates it at a fraction of fp32's speed
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
-# %% ../nbs/00_core.ipynb #1fb8d0f9
+# %% ../nbs/00_core.ipynb #3c93ca4e
 @dataclass
 class ModelSettings:
     "Which causal LM to fine-tune."
@@ -43,7 +43,7 @@ class QuantSettings:
     double_quant: bool = True  # also quantize the quantization constants
     compute_dtype: str = 'auto'  # see `resolve_compute_dtype`
 
-# %% ../nbs/00_core.ipynb #86d94587
+# %% ../nbs/00_core.ipynb #742f680c
 @dataclass
 class LoraSettings:
     "The low-rank adapters (peft's `LoraConfig` names)."
@@ -55,13 +55,13 @@ class LoraSettings:
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead
     use_dora: bool = False  # weight-decomposed LoRA
 
-# %% ../nbs/00_core.ipynb #ac9d19f8
+# %% ../nbs/00_core.ipynb #28072bb3
 @dataclass
 class DataSettings:
     "Where the examples come from and how they become tokens."
     source: str = 'humaneval'  # 'humaneval', 'dolly', a hub dataset id, or a local JSONL/JSON/Parquet file
     format: str = 'auto'  # 'auto', 'instruction', 'alpaca', 'messages' or 'humaneval'
-    template: str = 'chat'  # 'chat' (the model's chat template) or 'instruction' (### Instruction: ...)
+    template: str = 'chat'  # 'chat' (the model's chat template), 'instruction' (### Instruction: ...) or 'raw' (plain continuation)
     variant: str = 'control'  # HumanEval: 'control', or 'experiment' with the .comments metadata block
     max_seq_length: int = 2048
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test fractions
@@ -69,11 +69,12 @@ class DataSettings:
     fold: int = 0  # HumanEval: the fold held out for evaluation
     max_samples: Optional[int] = None  # use only the first N training examples
     golden_set: Optional[str] = None  # a curated JSONL kept out of training
+    mix: list[str] = field(default_factory=list)  # more sources to combine, each 'path' or 'path:weight' (weight of `source` is 1)
     train_on_golden_set: bool = False  # pilot runs train on the golden set itself
     packing: bool = False  # pack short examples (attention never crosses examples)
     seed: int = 42
 
-# %% ../nbs/00_core.ipynb #25825b0a
+# %% ../nbs/00_core.ipynb #215d105b
 @dataclass
 class TrainSettings:
     "The optimisation loop (transformers' `TrainingArguments` names)."
@@ -95,7 +96,7 @@ class TrainSettings:
     save_total_limit: int = 3
     early_stopping_patience: Optional[int] = None  # evaluations without improvement before stopping
 
-# %% ../nbs/00_core.ipynb #8756af5e
+# %% ../nbs/00_core.ipynb #c8e7adab
 @dataclass
 class EvalSettings:
     "Generation and scoring after training."
@@ -113,7 +114,7 @@ class OutputSettings:
     run_name: str = 'qlora-run'
     report_to: list[str] = field(default_factory=lambda: ['tensorboard'])  # add 'wandb' to opt in
 
-# %% ../nbs/00_core.ipynb #cdb4ad68
+# %% ../nbs/00_core.ipynb #eaeefecc
 @dataclass
 class RunConfig:
     "Everything that describes one fine-tuning run."
@@ -127,7 +128,7 @@ class RunConfig:
 
     def to_dict(self): return asdict(self)
 
-# %% ../nbs/00_core.ipynb #a335b9a8
+# %% ../nbs/00_core.ipynb #8b28c94f
 class ConfigError(ValueError):
     "A configuration that names an unknown key, a value of the wrong type, or an impossible value."
 
@@ -138,7 +139,7 @@ def _unknown_key(key, known):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return ConfigError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ''))
 
-# %% ../nbs/00_core.ipynb #1bbac88c
+# %% ../nbs/00_core.ipynb #f4acfee8
 def _type_name(t):
     if get_origin(t) in (Union, types.UnionType): return ' or '.join(_type_name(a) for a in get_args(t))
     if get_origin(t) is list: return f'list of {_type_name(get_args(t)[0])}'
@@ -160,10 +161,10 @@ def _coerce(key, val, t):
     elif isinstance(val, t) and not (t is int and isinstance(val, bool)): return val
     raise ConfigError(f"{key}: expected {_type_name(t)}, got {val!r}")
 
-# %% ../nbs/00_core.ipynb #998cbfe5
+# %% ../nbs/00_core.ipynb #d665f093
 _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'quant.compute_dtype': ('auto', 'bfloat16', 'float16', 'float32'),
-            'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction'),
+            'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
             'data.variant': ('control', 'experiment'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
             'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts', 'polynomial'),
@@ -181,7 +182,7 @@ _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda
           ('train.early_stopping_patience', lambda v: v is None or v >= 1, 'must be >= 1'),
           ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]')]
 
-# %% ../nbs/00_core.ipynb #8b2370f9
+# %% ../nbs/00_core.ipynb #3d9f38fc
 def _get(cfg, key):
     sec, name = key.split('.')
     return getattr(getattr(cfg, sec), name)
@@ -198,7 +199,7 @@ def validate(cfg:RunConfig) -> RunConfig:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
 
-# %% ../nbs/00_core.ipynb #f368ed20
+# %% ../nbs/00_core.ipynb #b615e91c
 _section_aliases = {'quantization': 'quant', 'training': 'train', 'evaluation': 'eval', 'outputs': 'output'}
 _flat_aliases = {'model_name': 'model.name', 'output_dir': 'output.output_dir'}
 
@@ -218,7 +219,7 @@ def _route(d):
 
 def _section_names(): return [s.name for s in fields(RunConfig)]
 
-# %% ../nbs/00_core.ipynb #7ec32871
+# %% ../nbs/00_core.ipynb #c381b815
 @patch(cls_method=True)
 def from_dict(cls:RunConfig, d:dict) -> RunConfig:
     "A validated `RunConfig` from a (nested or flat) dict; unknown keys and wrong types raise `ConfigError`."
@@ -232,7 +233,7 @@ def from_dict(cls:RunConfig, d:dict) -> RunConfig:
         sections[sec] = sec_cls(**{f: _coerce(f'{sec}.{f}', v, sec_hints[f]) for f, v in vals.items()})
     return validate(cls(**sections))
 
-# %% ../nbs/00_core.ipynb #255753c3
+# %% ../nbs/00_core.ipynb #8adbb6a5
 def _read_mapping(path:Path):
     text = path.read_text()
     if not text.strip(): raise ConfigError(f"{path}: the file is empty")
@@ -252,7 +253,7 @@ def read_config(path) -> RunConfig:
         if str(e).startswith(str(path)): raise
         raise ConfigError(f"{path}: {e}") from None
 
-# %% ../nbs/00_core.ipynb #049b02d3
+# %% ../nbs/00_core.ipynb #2cfd6665
 @patch
 def save(self:RunConfig, path) -> Path:
     "Write the config as JSON or YAML (by suffix), atomically."
@@ -265,7 +266,7 @@ def save(self:RunConfig, path) -> Path:
     tmp.replace(path)
     return path
 
-# %% ../nbs/00_core.ipynb #ec924da1
+# %% ../nbs/00_core.ipynb #269ddf22
 def _parse_value(s:str):
     v = yaml.safe_load(s) if s.strip() else s
     if isinstance(v, str):  # YAML 1.1 reads '1e-4' as a string
@@ -285,7 +286,7 @@ def apply_overrides(cfg:RunConfig, overrides:list[str]) -> RunConfig:
         d[sec][name] = _parse_value(val)
     return RunConfig.from_dict(d)
 
-# %% ../nbs/00_core.ipynb #a5bc53a0
+# %% ../nbs/00_core.ipynb #ef640f8e
 RUN_PRESETS = {
     'stage1': {'data.max_samples': 5, 'train.num_train_epochs': 1, 'train.per_device_train_batch_size': 1,
                'train.gradient_accumulation_steps': 1},
@@ -300,14 +301,14 @@ SIZE_PRESETS = {
 }
 MIN_GPU_GB = {'7b': 16, '13b': 24, '70b': 80}  # the seeds' hardware table
 
-# %% ../nbs/00_core.ipynb #a3061e10
+# %% ../nbs/00_core.ipynb #f9b5e1fa
 def presets_table():
     "A DataFrame of every preset's overrides."
     import pandas as pd
     rows = {**RUN_PRESETS, **{k: {**v, 'min GPU memory (GB)': MIN_GPU_GB[k]} for k, v in SIZE_PRESETS.items()}}
     return pd.DataFrame(rows, dtype=object).T.fillna('')
 
-# %% ../nbs/00_core.ipynb #59a7fed6
+# %% ../nbs/00_core.ipynb #a8f930ba
 def _overrides_of(preset:dict): return [f'{k}={json.dumps(v)}' for k, v in preset.items()]
 
 def load_config(path=None, # a .json/.yaml config file; None starts from the defaults
@@ -323,7 +324,7 @@ def load_config(path=None, # a .json/.yaml config file; None starts from the def
         changes += _overrides_of(table[name]) + ([f'model.size={name}'] if kind == 'size' else [])
     return apply_overrides(cfg, changes + list(overrides))  # checked once, when all are in
 
-# %% ../nbs/00_core.ipynb #ad3e9f95
+# %% ../nbs/00_core.ipynb #26236fe1
 def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
     "Warn (and return the warning) when the run's size preset needs more GPU memory than `gpu_gb` or the visible GPU."
     need = MIN_GPU_GB.get(cfg.model.size)
@@ -336,7 +337,7 @@ def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
         msg = f"a {cfg.model.size} run needs >= {need} GB of GPU memory; this GPU has {gpu_gb:.1f} GB"
     warnings.warn(msg); return msg
 
-# %% ../nbs/00_core.ipynb #aff96eb6
+# %% ../nbs/00_core.ipynb #e8cce38f
 @patch(as_prop=True)
 def run_dir(self:RunConfig) -> Path:
     "The folder of this run's outputs: `output_dir/run_name`."
