@@ -7,7 +7,7 @@ __all__ = ['RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolve_compute_dtype',
            'DataSettings', 'TrainSettings', 'EvalSettings', 'OutputSettings', 'RunConfig', 'ConfigError', 'validate',
            'read_config', 'apply_overrides', 'presets_table', 'load_config', 'check_gpu_fit']
 
-# %% ../nbs/00_core.ipynb #b16890ee
+# %% ../nbs/00_core.ipynb #ae088bfa
 import difflib, json, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import torch, yaml
 from fastcore.basics import patch
 
-# %% ../nbs/00_core.ipynb #01dfe58a
+# %% ../nbs/00_core.ipynb #6f2dbb3d
 def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'float32'
                          ) -> torch.dtype:
     "The torch dtype for `name`; 'auto' picks bf16 where the hardware runs it, else fp16 on GPU, else fp32."
@@ -25,7 +25,7 @@ def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'f
     # a CPU without native bf16 emulates it at a fraction of fp32's speed
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
-# %% ../nbs/00_core.ipynb #3c93ca4e
+# %% ../nbs/00_core.ipynb #f1a6839e
 @dataclass
 class ModelSettings:
     "Which causal LM to fine-tune."
@@ -43,7 +43,7 @@ class QuantSettings:
     double_quant: bool = True  # also quantize the quantization constants
     compute_dtype: str = 'auto'  # see `resolve_compute_dtype`
 
-# %% ../nbs/00_core.ipynb #742f680c
+# %% ../nbs/00_core.ipynb #74fd1cfd
 @dataclass
 class LoraSettings:
     "The low-rank adapters (peft's `LoraConfig` names)."
@@ -55,7 +55,7 @@ class LoraSettings:
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead
     use_dora: bool = False  # weight-decomposed LoRA
 
-# %% ../nbs/00_core.ipynb #28072bb3
+# %% ../nbs/00_core.ipynb #547528fb
 @dataclass
 class DataSettings:
     "Where the examples come from and how they become tokens."
@@ -74,7 +74,7 @@ class DataSettings:
     packing: bool = False  # pack short examples (attention never crosses examples)
     seed: int = 42
 
-# %% ../nbs/00_core.ipynb #215d105b
+# %% ../nbs/00_core.ipynb #5208c6ad
 @dataclass
 class TrainSettings:
     "The optimisation loop (transformers' `TrainingArguments` names)."
@@ -96,7 +96,7 @@ class TrainSettings:
     save_total_limit: int = 3
     early_stopping_patience: Optional[int] = None  # evaluations without improvement before stopping
 
-# %% ../nbs/00_core.ipynb #c8e7adab
+# %% ../nbs/00_core.ipynb #fa464ce9
 @dataclass
 class EvalSettings:
     "Generation and scoring after training."
@@ -114,7 +114,7 @@ class OutputSettings:
     run_name: str = 'qlora-run'
     report_to: list[str] = field(default_factory=lambda: ['tensorboard'])  # add 'wandb' to opt in
 
-# %% ../nbs/00_core.ipynb #eaeefecc
+# %% ../nbs/00_core.ipynb #90b46c4d
 @dataclass
 class RunConfig:
     "Everything that describes one fine-tuning run."
@@ -128,7 +128,7 @@ class RunConfig:
 
     def to_dict(self): return asdict(self)
 
-# %% ../nbs/00_core.ipynb #8b28c94f
+# %% ../nbs/00_core.ipynb #34edf576
 class ConfigError(ValueError):
     "A configuration that names an unknown key, a value of the wrong type, or an impossible value."
 
@@ -139,7 +139,7 @@ def _unknown_key(key, known):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return ConfigError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ''))
 
-# %% ../nbs/00_core.ipynb #f4acfee8
+# %% ../nbs/00_core.ipynb #aad4c72d
 def _type_name(t):
     if get_origin(t) in (Union, types.UnionType): return ' or '.join(_type_name(a) for a in get_args(t))
     if get_origin(t) is list: return f'list of {_type_name(get_args(t)[0])}'
@@ -161,7 +161,7 @@ def _coerce(key, val, t):
     elif isinstance(val, t) and not (t is int and isinstance(val, bool)): return val
     raise ConfigError(f"{key}: expected {_type_name(t)}, got {val!r}")
 
-# %% ../nbs/00_core.ipynb #d665f093
+# %% ../nbs/00_core.ipynb #4079f9fa
 _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'quant.compute_dtype': ('auto', 'bfloat16', 'float16', 'float32'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
@@ -182,7 +182,7 @@ _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda
           ('train.early_stopping_patience', lambda v: v is None or v >= 1, 'must be >= 1'),
           ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]')]
 
-# %% ../nbs/00_core.ipynb #3d9f38fc
+# %% ../nbs/00_core.ipynb #797e969c
 def _get(cfg, key):
     sec, name = key.split('.')
     return getattr(getattr(cfg, sec), name)
@@ -195,11 +195,13 @@ def validate(cfg:RunConfig) -> RunConfig:
         if not ok(_get(cfg, key)): raise ConfigError(f"{key}: {msg}, got {_get(cfg, key)!r}")
     if not 0 <= cfg.data.fold < cfg.data.n_folds:
         raise ConfigError(f"data.fold: must be in [0, data.n_folds={cfg.data.n_folds}), got {cfg.data.fold}")
+    if cfg.train.save_steps % cfg.train.eval_steps:  # the best checkpoint is chosen among evaluated ones
+        raise ConfigError(f"train.save_steps: must be a multiple of train.eval_steps={cfg.train.eval_steps}, got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
 
-# %% ../nbs/00_core.ipynb #b615e91c
+# %% ../nbs/00_core.ipynb #0be5a7de
 _section_aliases = {'quantization': 'quant', 'training': 'train', 'evaluation': 'eval', 'outputs': 'output'}
 _flat_aliases = {'model_name': 'model.name', 'output_dir': 'output.output_dir'}
 
@@ -219,7 +221,7 @@ def _route(d):
 
 def _section_names(): return [s.name for s in fields(RunConfig)]
 
-# %% ../nbs/00_core.ipynb #c381b815
+# %% ../nbs/00_core.ipynb #162a30e7
 @patch(cls_method=True)
 def from_dict(cls:RunConfig, d:dict) -> RunConfig:
     "A validated `RunConfig` from a (nested or flat) dict; unknown keys and wrong types raise `ConfigError`."
@@ -233,7 +235,7 @@ def from_dict(cls:RunConfig, d:dict) -> RunConfig:
         sections[sec] = sec_cls(**{f: _coerce(f'{sec}.{f}', v, sec_hints[f]) for f, v in vals.items()})
     return validate(cls(**sections))
 
-# %% ../nbs/00_core.ipynb #8adbb6a5
+# %% ../nbs/00_core.ipynb #cf7049e8
 def _read_mapping(path:Path):
     text = path.read_text()
     if not text.strip(): raise ConfigError(f"{path}: the file is empty")
@@ -253,7 +255,7 @@ def read_config(path) -> RunConfig:
         if str(e).startswith(str(path)): raise
         raise ConfigError(f"{path}: {e}") from None
 
-# %% ../nbs/00_core.ipynb #2cfd6665
+# %% ../nbs/00_core.ipynb #fe5e86ff
 @patch
 def save(self:RunConfig, path) -> Path:
     "Write the config as JSON or YAML (by suffix), atomically."
@@ -266,7 +268,7 @@ def save(self:RunConfig, path) -> Path:
     tmp.replace(path)
     return path
 
-# %% ../nbs/00_core.ipynb #269ddf22
+# %% ../nbs/00_core.ipynb #2ef50325
 def _parse_value(s:str):
     v = yaml.safe_load(s) if s.strip() else s
     if isinstance(v, str):  # YAML 1.1 reads '1e-4' as a string
@@ -286,7 +288,7 @@ def apply_overrides(cfg:RunConfig, overrides:list[str]) -> RunConfig:
         d[sec][name] = _parse_value(val)
     return RunConfig.from_dict(d)
 
-# %% ../nbs/00_core.ipynb #ef640f8e
+# %% ../nbs/00_core.ipynb #8728f33b
 RUN_PRESETS = {
     'stage1': {'data.max_samples': 5, 'train.num_train_epochs': 1, 'train.per_device_train_batch_size': 1,
                'train.gradient_accumulation_steps': 1},
@@ -301,14 +303,14 @@ SIZE_PRESETS = {
 }
 MIN_GPU_GB = {'7b': 16, '13b': 24, '70b': 80}  # the seeds' hardware table
 
-# %% ../nbs/00_core.ipynb #f9b5e1fa
+# %% ../nbs/00_core.ipynb #829816ca
 def presets_table():
     "A DataFrame of every preset's overrides."
     import pandas as pd
     rows = {**RUN_PRESETS, **{k: {**v, 'min GPU memory (GB)': MIN_GPU_GB[k]} for k, v in SIZE_PRESETS.items()}}
     return pd.DataFrame(rows, dtype=object).T.fillna('')
 
-# %% ../nbs/00_core.ipynb #a8f930ba
+# %% ../nbs/00_core.ipynb #44f510f3
 def _overrides_of(preset:dict): return [f'{k}={json.dumps(v)}' for k, v in preset.items()]
 
 def load_config(path=None, # a .json/.yaml config file; None starts from the defaults
@@ -324,7 +326,7 @@ def load_config(path=None, # a .json/.yaml config file; None starts from the def
         changes += _overrides_of(table[name]) + ([f'model.size={name}'] if kind == 'size' else [])
     return apply_overrides(cfg, changes + list(overrides))  # checked once, when all are in
 
-# %% ../nbs/00_core.ipynb #26236fe1
+# %% ../nbs/00_core.ipynb #dc2cecdc
 def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
     "Warn (and return the warning) when the run's size preset needs more GPU memory than `gpu_gb` or the visible GPU."
     need = MIN_GPU_GB.get(cfg.model.size)
@@ -337,7 +339,7 @@ def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
         msg = f"a {cfg.model.size} run needs >= {need} GB of GPU memory; this GPU has {gpu_gb:.1f} GB"
     warnings.warn(msg); return msg
 
-# %% ../nbs/00_core.ipynb #e8cce38f
+# %% ../nbs/00_core.ipynb #a328b04f
 @patch(as_prop=True)
 def run_dir(self:RunConfig) -> Path:
     "The folder of this run's outputs: `output_dir/run_name`."
