@@ -7,7 +7,7 @@ __all__ = ['TRAIN_COLUMNS', 'QUICK', 'sft_config', 'trainer_datasets', 'Training
            'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'TrainResult',
            'build_trainer', 'train', 'StopAtStep']
 
-# %% ../nbs/04_training.ipynb #3e31e381
+# %% ../nbs/04_training.ipynb #7ffb2e7a
 import json, logging, math, os, platform, subprocess, sys, time, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +23,10 @@ from .model import load_model, load_tokenizer
 from .lora import add_lora
 from .weights import resolve_model
 
-# %% ../nbs/04_training.ipynb #2b4bc6f5
+# %% ../nbs/04_training.ipynb #0ede9f2e
+import dataclasses
+_CKPT_ARG = 'activation_checkpointing' if 'activation_checkpointing' in {f.name for f in dataclasses.fields(SFTConfig)} else 'gradient_checkpointing'
+
 def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
     "TRL's SFTConfig for run config `cfg` (`kwargs` override)."
     t, dtype = cfg.train, resolve_compute_dtype(cfg.quant.compute_dtype)
@@ -37,14 +40,14 @@ def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
         logging_steps=t.logging_steps, eval_strategy='steps', eval_steps=t.eval_steps, save_strategy='steps',
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model='eval_loss', greater_is_better=False, max_length=cfg.data.max_seq_length,
-        gradient_checkpointing=False,  # already on, set up by `add_lora` without the float32 upcast
+        **{_CKPT_ARG: False},  # already on, set up by `add_lora` without the float32 upcast
         packing=cfg.data.packing, padding_free=cfg.data.packing,
         dataset_kwargs={} if cfg.data.packing else {'skip_prepare_dataset': True},  # our tokens and masks, as they are
         logging_nan_inf_filter=False,  # the trainer would otherwise hide a NaN loss behind the previous average
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
     return SFTConfig(**{**args, **kwargs})
 
-# %% ../nbs/04_training.ipynb #43610170
+# %% ../nbs/04_training.ipynb #8d4dd931
 TRAIN_COLUMNS = ['input_ids', 'attention_mask', 'labels']
 
 def trainer_datasets(data:PreparedData, packing:bool=False):
@@ -52,7 +55,7 @@ def trainer_datasets(data:PreparedData, packing:bool=False):
     cols = ['input_ids', 'labels'] if packing else TRAIN_COLUMNS
     return data.splits['train'].select_columns(cols), data.splits['validation'].select_columns(cols)
 
-# %% ../nbs/04_training.ipynb #a7a21367
+# %% ../nbs/04_training.ipynb #a4f58de8
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
@@ -89,13 +92,13 @@ class HistoryCallback(TrainerCallback):
         self.log.info(json.dumps(entry))
         write_json(self.run_dir/'training_history.json', state.log_history)
 
-# %% ../nbs/04_training.ipynb #f5308be5
+# %% ../nbs/04_training.ipynb #9759f738
 def write_json(path, obj):
     "Write `obj` as JSON atomically (a temporary file, then a rename)."
     path = Path(path); tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2, default=str)); tmp.replace(path)
 
-# %% ../nbs/04_training.ipynb #e5401301
+# %% ../nbs/04_training.ipynb #69ddac1c
 def in_notebook() -> bool:
     try: return type(get_ipython()).__name__ == 'ZMQInteractiveShell'
     except NameError: return False
@@ -127,7 +130,7 @@ class LivePlotCallback(TrainerCallback):
         if self.handle is None: self.handle = display(fig, display_id=True)
         else: self.handle.update(fig)
 
-# %% ../nbs/04_training.ipynb #514ef486
+# %% ../nbs/04_training.ipynb #6551510c
 def environment() -> dict:
     "Hardware, library versions and git commit of this process."
     import importlib.metadata as md
@@ -142,7 +145,7 @@ def environment() -> dict:
             'gpu': gpu, 'gpu_memory_gb': torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else None,
             'versions': vers, 'git_commit': commit}
 
-# %% ../nbs/04_training.ipynb #8699672a
+# %% ../nbs/04_training.ipynb #06d365bc
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -166,11 +169,11 @@ def _oom_advice(cfg, step):
             f"--set train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same effective batch); "
             f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; or rerun with --auto-batch.")
 
-# %% ../nbs/04_training.ipynb #cdc97150
-def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=()):
-    "The SFTTrainer of a run, with its history, live plot and early stopping."
+# %% ../nbs/04_training.ipynb #312b27db
+def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
+    "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
-    cbs = [HistoryCallback(cfg.run_dir), LivePlotCallback(), *callbacks]
+    cbs = [HistoryCallback(cfg.run_dir), *([LivePlotCallback()] if live else []), *callbacks]
     if 'tensorboard' in cfg.output.report_to:  # our own writer, so the logs land in run_dir/logs on every transformers version
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -203,10 +206,10 @@ def _finish(cfg, trainer, tok, wall, resume_from):
     write_json(run_dir/'run_summary.json', summary)
     return summary
 
-# %% ../nbs/04_training.ipynb #7f203a7a
+# %% ../nbs/04_training.ipynb #92d44b67
 def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the run, or a checkpoint folder
           auto_batch:bool=False, # on CUDA OOM, retry with half the batch and twice the accumulation
-          callbacks=(), data:PreparedData|None=None) -> TrainResult:
+          callbacks=(), data:PreparedData|None=None, live:bool=True) -> TrainResult:
     "Fine-tune as `cfg` says; write the run's outputs under `cfg.run_dir`."
     check_gpu_fit(cfg)
     resume_from = _resume_point(cfg, resume)
@@ -214,7 +217,7 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     data = data or prepare_data(cfg, tok)  # fails on bad or empty data before the model is loaded
     model, tok = load_model(cfg.model, cfg.quant)
     model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    trainer = build_trainer(cfg, data, model, tok, callbacks)
+    trainer = build_trainer(cfg, data, model, tok, callbacks, live)
     start = time.time()
     try: trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
@@ -226,7 +229,7 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
                                              gradient_accumulation_steps=t.gradient_accumulation_steps * 2))
         print(f"out of memory at step {step}: retrying with batch {smaller.train.per_device_train_batch_size} "
               f"x accumulation {smaller.train.gradient_accumulation_steps}")
-        return train(smaller, None, auto_batch, callbacks, data)
+        return train(smaller, None, auto_batch, callbacks, data, live)
     hist_cb = trainer.callback_handler.callbacks[[type(c) for c in trainer.callback_handler.callbacks].index(HistoryCallback)]
     if hist_cb.diverged is not None:
         step, loss = hist_cb.last_finite or (None, None)
@@ -235,14 +238,14 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     summary = _finish(cfg, trainer, tok, time.time() - start, resume_from)
     return TrainResult(cfg.run_dir, trainer.state.log_history, summary, trainer)
 
-# %% ../nbs/04_training.ipynb #bb64f433
+# %% ../nbs/04_training.ipynb #23ced982
 class StopAtStep(TrainerCallback):
     "Stop training after `step` (to simulate an interruption right after a checkpoint)."
     def __init__(self, step): self.step = step
     def on_step_end(self, args, state, control, **kw):
         if state.global_step >= self.step: control.should_training_stop = True
 
-# %% ../nbs/04_training.ipynb #a4dc89ba
+# %% ../nbs/04_training.ipynb #d3c1b3f5
 QUICK = ['data.max_samples=16', 'train.num_train_epochs=3', 'train.per_device_train_batch_size=4',
          'train.gradient_accumulation_steps=1', 'train.learning_rate=3e-4', 'train.logging_steps=1', 'train.eval_steps=4',
          'train.save_steps=4', 'data.max_seq_length=512', 'train.gradient_checkpointing=false']

@@ -37,3 +37,33 @@ def test_prepare_model_prints_the_default_folder():
     r = qlora_nb('prepare-model')
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith('SmolLM2-135M-Instruct')
+
+
+def test_chat_driven_through_stdin(tmp_path):
+    "The chat answers, shows and changes settings, and quits, all from standard input."
+    script = 'What is the capital of France?\nsettings max_new_tokens=8 temperature=0.5\nsettings temprature=1\nquit\nnever read\n'
+    r = subprocess.run(['qlora_nb', 'chat', '--gen', 'max_new_tokens=24'], input=script, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'assistant: ' in r.stdout and 'Paris' in r.stdout
+    assert 'max_new_tokens=8' in r.stdout and 'temperature=0.5' in r.stdout
+    assert "unknown generation setting 'temprature'" in r.stdout
+
+
+def test_generate_file(tmp_path):
+    (tmp_path/'p.json').write_text('["What is the capital of France?"]')
+    r = subprocess.run(['qlora_nb', 'generate', '--input', str(tmp_path/'p.json'), '--output', str(tmp_path/'o.json'),
+                        '--gen', 'max_new_tokens=16'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = yaml.safe_load((tmp_path/'o.json').read_text())
+    assert 'Paris' in out['results'][0]['output']
+
+
+def test_humaneval_command_writes_results(tmp_path):
+    from qlora_nb.weights import tiny_model_dir
+    r = subprocess.run(['qlora_nb', 'humaneval', '--model', str(tiny_model_dir()), '--fold', '0', '--max-new-tokens', '4',
+                        '--output-dir', str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    res = json.loads((tmp_path/'humaneval'/'results.json').read_text())
+    assert res['n_problems'] == 82 and res['spec']['fold'] == 0 and res['pass@1'] == 0.0
+    assert len((tmp_path/'humaneval'/'samples.jsonl').read_text().splitlines()) == 82
