@@ -6,7 +6,7 @@
 __all__ = ['config_from_args', 'cmd_config', 'cmd_train', 'cmd_run', 'cmd_prepare_model', 'cmd_generate', 'cmd_chat',
            'cmd_humaneval', 'build_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #4c3659f1
+# %% ../nbs/09_cli.ipynb #4e8edbca
 import argparse, json, sys
 from pathlib import Path
 import yaml
@@ -18,7 +18,7 @@ from .weights import ModelNotFoundError, resolve_model, load_for_inference, quic
 from .core import QuantSettings
 from .infer import GENERATION_PRESETS, GenerationSettings, generate_file, generation_quant, load_generator, stream_reply, update_settings
 
-# %% ../nbs/09_cli.ipynb #aff60683
+# %% ../nbs/09_cli.ipynb #6d1c21eb
 def _run_options(p:argparse.ArgumentParser):
     p.add_argument('--config', help='a .json or .yaml run config')
     p.add_argument('--preset', choices=list(RUN_PRESETS), help='run preset')
@@ -32,7 +32,7 @@ def config_from_args(args, defaults=()):
     overrides = list(defaults) + args.overrides + ([f'model.name={args.model}'] if args.model else [])
     return load_config(args.config, preset=args.preset, size=args.size, overrides=overrides)
 
-# %% ../nbs/09_cli.ipynb #781e25f7
+# %% ../nbs/09_cli.ipynb #39fc4134
 def cmd_config(args):
     if args.presets: return print(presets_table().to_string())
     cfg = config_from_args(args)
@@ -40,20 +40,18 @@ def cmd_config(args):
     else: print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end='')
     check_gpu_fit(cfg)
 
-# %% ../nbs/09_cli.ipynb #258d5d04
+# %% ../nbs/09_cli.ipynb #61cb7241
 def _print_outputs(res):
-    d = res.run_dir
+    d, s = res.run_dir, res.summary
+    print(f"trained {s['global_step']} steps in {s['wall_time_s']:.0f} s: train loss {s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}, "
+          f"best validation loss {s['best_eval_loss']:.3f}")
     print(f"adapter:  {d/'final_adapter'}\ncurves:   {d/'training_curves.png'}\nsummary:  {d/'run_summary.json'}\n"
           f"history:  {d/'training_history.json'}\nlogs:     {d/'logs'} (tensorboard --logdir {d/'logs'})")
 
 def cmd_train(args):
-    res = train(config_from_args(args), resume=args.resume, auto_batch=args.auto_batch)
-    s = res.summary
-    print(f"trained {s['global_step']} steps in {s['wall_time_s']:.0f} s: train loss {s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}, "
-          f"best validation loss {s['best_eval_loss']:.3f}")
-    _print_outputs(res)
+    _print_outputs(train(config_from_args(args), resume=args.resume, auto_batch=args.auto_batch))
 
-# %% ../nbs/09_cli.ipynb #769a9c5a
+# %% ../nbs/09_cli.ipynb #979563dd
 def cmd_run(args):
     cfg = config_from_args(args, defaults=QUICK + ['output.run_name=main'])
     check_gpu_fit(cfg)
@@ -64,16 +62,12 @@ def cmd_run(args):
     print(f'sample generation (greedy)\n  Q: {question}\n  A: {quick_reply(tok, model, question)}')
     del model
     print(f'fine-tuning on {cfg.data.source} (fold {cfg.data.fold} held out) into {cfg.run_dir}')
-    res = train(cfg, resume=args.resume, auto_batch=args.auto_batch)
-    s = res.summary
-    print(f"trained {s['global_step']} steps in {s['wall_time_s']:.0f} s: train loss {s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}, "
-          f"best validation loss {s['best_eval_loss']:.3f}")
-    _print_outputs(res)
+    _print_outputs(train(cfg, resume=args.resume, auto_batch=args.auto_batch))
 
 def cmd_prepare_model(args):
     print(resolve_model(args.name, args.revision))
 
-# %% ../nbs/09_cli.ipynb #256a880e
+# %% ../nbs/09_cli.ipynb #c09ec377
 def _generator(args):
     return load_generator(args.model or 'default', args.adapter, generation_quant(args.bits), args.no_lora)
 
@@ -123,7 +117,7 @@ def _gen_options(p):
     p.add_argument('--preset-gen', default='greedy', choices=list(GENERATION_PRESETS), help='generation preset')
     p.add_argument('--gen', action='append', default=[], metavar='KEY=VALUE', help='a generation setting, e.g. --gen temperature=0.7')
 
-# %% ../nbs/09_cli.ipynb #d46d1e69
+# %% ../nbs/09_cli.ipynb #3d02fb57
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='qlora_nb', description='QLoRA fine-tuning of open LLMs, end to end.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -152,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_model)
     return parser
 
-# %% ../nbs/09_cli.ipynb #4c77c96d
+# %% ../nbs/09_cli.ipynb #d2af9d3b
 def main(argv=None) -> int:
     "Entry point of the `qlora_nb` command."
     args = build_parser().parse_args(argv)
