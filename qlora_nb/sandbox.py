@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['SANDBOX_UID', 'LAUNCHER', 'PRELUDE', 'Limits', 'program_text', 'RunResult', 'sandbox_python', 'run_program']
 
-# %% ../nbs/06a_sandbox.ipynb #3a9f9f03
+# %% ../nbs/06a_sandbox.ipynb #cf787ece
 import ctypes, json, os, secrets, shutil, signal, subprocess, sys, tempfile, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import psutil
 
-# %% ../nbs/06a_sandbox.ipynb #4a747399
+# %% ../nbs/06a_sandbox.ipynb #197839cf
 @dataclass
 class Limits:
     "Resource limits of one sandboxed program."
@@ -26,7 +26,7 @@ class Limits:
 
 SANDBOX_UID = 61_337  # a uid no account uses: everything it owns is the sandbox's, and is killed after each run
 
-# %% ../nbs/06a_sandbox.ipynb #e70aff40
+# %% ../nbs/06a_sandbox.ipynb #dd46fa49
 LAUNCHER = r'''
 import ctypes, json, os, resource, sys
 cfg = json.loads(sys.argv[1]); applied = []
@@ -48,7 +48,7 @@ os.dup2(out, 1); os.dup2(err, 2)
 os.execve(cfg['python'], [cfg['python'], '-I', '-B', 'program.py'], cfg['env'])
 '''
 
-# %% ../nbs/06a_sandbox.ipynb #efd93b2f
+# %% ../nbs/06a_sandbox.ipynb #1675a335
 PRELUDE = '''import os as _os
 _nonce = _os.environ.pop('QLORA_NB_NONCE', '')
 def _done():
@@ -66,7 +66,7 @@ def program_text(code:str, guard:bool=True) -> str:
     "The file that runs untrusted `code`: nonce prelude, optional guard, the code, then the nonce line."
     return PRELUDE + (_guard_source() if guard else '') + code + '\n\n_done()\n'
 
-# %% ../nbs/06a_sandbox.ipynb #ae57c0b4
+# %% ../nbs/06a_sandbox.ipynb #e24d00d9
 @dataclass
 class RunResult:
     status: str  # 'passed', 'failed', 'timed out' or 'error'
@@ -95,7 +95,7 @@ def _read(path, cap):
         with open(path, 'rb') as f: return f.read(cap).decode('utf-8', 'replace')
     except OSError: return ''
 
-# %% ../nbs/06a_sandbox.ipynb #137a547c
+# %% ../nbs/06a_sandbox.ipynb #f50b421c
 def _classify(code, timed_out, out, err, nonce, wall):
     last = out.rstrip('\n').rsplit('\n', 1)[-1] if out.strip() else ''
     if timed_out: return 'timed out', f'killed after {wall:.1f} s'
@@ -108,7 +108,7 @@ def _classify(code, timed_out, out, err, nonce, wall):
     if code == 0: return 'failed', 'exited before its tests finished'
     return 'error', line or f'exit status {code}'
 
-# %% ../nbs/06a_sandbox.ipynb #2e002139
+# %% ../nbs/06a_sandbox.ipynb #39cb01b4
 def _world_executable(path) -> bool:
     p = Path(os.path.realpath(path))
     return all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents])
@@ -119,16 +119,18 @@ def sandbox_python():
         if c and os.path.exists(c) and _world_executable(c): return c
     raise RuntimeError("no Python interpreter is executable by other users; the sandbox cannot drop privileges")
 
-def run_program(code:str, limits:Limits=Limits(), guard:bool=True) -> RunResult:
+def run_program(code:str, limits:Limits=Limits(), guard:bool=True,
+                uid:int=SANDBOX_UID, # programs run side by side need distinct uids: each run kills everything its uid owns
+               ) -> RunResult:
     "Run untrusted Python `code` in the sandbox and classify the outcome."
     root = os.geteuid() == 0
     d = Path(tempfile.mkdtemp(prefix='qlora_nb_sbx_'))
     nonce = secrets.token_hex(16)
     (d/'program.py').write_text(program_text(code, guard))
-    if root: os.chown(d, SANDBOX_UID, SANDBOX_UID); os.chmod(d, 0o700); os.chown(d/'program.py', SANDBOX_UID, SANDBOX_UID)
+    if root: os.chown(d, uid, uid); os.chmod(d, 0o700); os.chown(d/'program.py', uid, uid)
     env = {'PATH': '/usr/bin:/bin', 'HOME': str(d), 'LANG': 'C.UTF-8', 'PYTHONHASHSEED': '0', 'QLORA_NB_NONCE': nonce}
     mine = sum(1 for p in psutil.process_iter(['uids']) if p.info['uids'] and p.info['uids'].real == os.getuid())
-    cfg = {'limits': asdict(limits), 'uid': SANDBOX_UID, 'env': env, 'nproc': limits.processes if root else mine + limits.processes,
+    cfg = {'limits': asdict(limits), 'uid': uid, 'env': env, 'nproc': limits.processes if root else mine + limits.processes,
            'python': sandbox_python() if root else sys.executable}
     start, timed_out = time.time(), False
     p = subprocess.Popen([sys.executable, '-I', '-c', LAUNCHER, json.dumps(cfg)], cwd=d, stdin=subprocess.DEVNULL,
@@ -138,7 +140,7 @@ def run_program(code:str, limits:Limits=Limits(), guard:bool=True) -> RunResult:
     try: os.killpg(p.pid, signal.SIGKILL)  # the program's group: whatever it started and left behind
     except (ProcessLookupError, PermissionError): pass
     if timed_out: p.wait()
-    if root: _sweep(SANDBOX_UID)
+    if root: _sweep(uid)
     wall = time.time() - start
     cap = limits.output_kb << 10
     out, err = _read(d/'stdout.txt', cap), _read(d/'stderr.txt', cap)

