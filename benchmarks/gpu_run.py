@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""The end-to-end run on a GPU, in resumable phases (a lent GPU allows 10 minutes a command).
+
+    python benchmarks/gpu_run.py main      # train the default model with the default config; evaluate; judge
+    python benchmarks/gpu_run.py compare   # the HumanEval comparison (base / control / experiment, 2 folds)
+    python benchmarks/gpu_run.py bench     # benchmarks/bench.py
+
+Everything goes under --work (default outputs/gpu); each phase skips what is already finished, then packs its
+results (no checkpoints, no model weights but the final adapter) into --pack as gzipped tar parts of at most 15 MB.
+`benchmarks/gpu_session.sh` shows how it was run on a lent machine.
+"""
+import argparse, io, json, os, sys, tarfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def phase_main(work):
+    from qlora_nb.core import load_config
+    from qlora_nb.train import train, write_json, environment
+    from qlora_nb.evaluate import evaluate_run, judge_run
+    cfg = load_config(overrides=[f'output.output_dir={work}', 'output.run_name=main', 'train.logging_steps=1',
+                                 'train.eval_steps=5', 'train.save_steps=10'])
+    run = cfg.run_dir
+    write_json(work/'environment.json', environment())
+    t = time.time()
+    if not (run/'run_summary.json').exists(): train(cfg, live=False)
+    if not (run/'eval'/'metrics.json').exists(): evaluate_run(run, n_samples=16)
+    if not (run/'eval'/'judge.json').exists(): judge_run(run)
+    return {'main_s': time.time() - t}
+
+
+def phase_compare(work, n, batch_size):
+    from qlora_nb.humaneval import run_comparison
+    t = time.time()
+    run_comparison(work/'humaneval', n=n, batch_size=batch_size, workers=os.cpu_count())
+    return {'compare_s': time.time() - t}
+
+
+def phase_bench(work):
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import bench
+    t = time.time()
+    bench.main(['--out', str(work/'bench.json')])
+    return {'bench_s': time.time() - t}
+
+
+def keep(path:Path) -> bool:
+    "Results worth bringing back: not checkpoints, not the TensorBoard logs."
+    return not any(p.startswith('checkpoint-') or p == 'logs' for p in path.parts)
+
+
+def pack(work:Path, dest:Path, limit=15_000_000):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w:gz') as tar:
+        for p in sorted(work.rglob('*')):
+            if p.is_file() and keep(p.relative_to(work)): tar.add(p, arcname=str(p.relative_to(work)))
+    data = buf.getvalue(); dest.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(data), limit): (dest/f'gpu_results.tgz.{i // limit:02d}').write_bytes(data[i:i + limit])
+    print(f'packed {len(data) / 1e6:.1f} MB into {dest}')
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('phases', nargs='+', choices=['main', 'compare', 'bench'])
+    ap.add_argument('--work', default='outputs/gpu'); ap.add_argument('--pack')
+    ap.add_argument('--n', type=int, default=20); ap.add_argument('--batch-size', type=int, default=160)
+    a = ap.parse_args()
+    work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
+    times = json.loads((work/'wall_times.json').read_text()) if (work/'wall_times.json').exists() else {}
+    try:
+        for ph in a.phases:
+            times |= {'main': lambda: phase_main(work), 'compare': lambda: phase_compare(work, a.n, a.batch_size),
+                      'bench': lambda: phase_bench(work)}[ph]()
+            (work/'wall_times.json').write_text(json.dumps(times, indent=2))
+    finally:
+        if a.pack: pack(work, Path(a.pack))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# How the committed GPU results were made on a lent machine (see ../shared/GPU.md of the project's workspace):
+# wheels of the packages that machine lacks are carried in .whl/, the default model's GGUF in parts (.m1 .m2 .m3),
+# because one call may carry at most 64 MiB. Each call runs one or more phases of gpu_run.py in under 10 minutes.
+#   bash benchmarks/gpu_session.sh setup      # first call: wheels + the first part of the model
+#   bash benchmarks/gpu_session.sh part       # copy the part carried in this call
+#   bash benchmarks/gpu_session.sh PHASE...   # main / compare / bench, results packed into $OUT
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD QLORA_NB_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf QLORA_NB_CACHE=/tmp/qcache
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /tmp/model
+case "$1" in
+  setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+         cp .m*/part.* /tmp/model/; ls -la /tmp/model; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+  part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
+  *)     [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
+         mkdir -p /tmp/gpu_work
+         timeout -s INT "${GPU_RUN_LIMIT:-540}" python3 benchmarks/gpu_run.py "$@" --work /tmp/gpu_work --pack "$OUT" ;;
+esac
