@@ -147,6 +147,8 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
     model = random_4bit_model(config, device)
     model, notes = with_lora(model, recipe, checkpointing=True)
     opt = optimizer(model)
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()  # building in bf16 is not training
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
     data = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids}
@@ -204,6 +206,7 @@ def real_case(model_path, recipe, device, max_len, max_examples, group, peak_tfl
     model = pretrained_4bit_model(model_path, device)
     model, notes = with_lora(model, recipe, checkpointing=False)
     opt = optimizer(model)
+    if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
     model.train()
     order = list(range(len(train))); random.Random(0).shuffle(order)
     rows = [train[i] for i in order]
@@ -248,6 +251,7 @@ def main(argv=None):
     ap.add_argument('--tiny', action='store_true', help='a tiny model and a few steps (CPU-friendly; checks the code, not the speed)')
     ap.add_argument('--model', default='default', help='model of the real-data case')
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--only', choices=['synthetic', 'real'], help='run only these cases')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
     args = ap.parse_args(argv)
     from qlora_nb.model import llama3_8b_config
@@ -265,16 +269,20 @@ def main(argv=None):
         model_path, max_len, max_examples, steps, warmup = str(resolve_model(args.model)), 2048, None, args.steps, args.warmup
     peak = matmul_peak_tflops(device)
     results = {}
-    for name, seq, batch in synth:
-        results[name] = {r: synthetic_case(shape, r, seq, batch, steps, warmup, device, peak) for r in ('baseline', 'qlora_nb')}
-        print(name, json.dumps(results[name]), flush=True)
-    name = f'{Path(model_path).name} humaneval-sft real lengths, max {max_len}'
-    results[name] = {r: real_case(model_path, r, device, max_len, max_examples, 4, peak) for r in ('baseline', 'qlora_nb')}
-    print(name, json.dumps(results[name]), flush=True)
-    out = {'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny, 'results': results, 'ratios': ratios(results)}
     dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}{'gpu' if peak else 'cpu'}-{datetime.date.today()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2))
+    def save():  # after every case, so an interrupted run keeps what it measured
+        out = {'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny, 'results': results, 'ratios': ratios(results)}
+        dest.write_text(json.dumps(out, indent=2))
+        return out
+    real_name = f'{Path(model_path).name} humaneval-sft real lengths, max {max_len}'
+    cases = [(real_name, lambda r: real_case(model_path, r, device, max_len, max_examples, 4, peak))]
+    cases += [(n, lambda r, seq=seq, b=b: synthetic_case(shape, r, seq, b, steps, warmup, device, peak)) for n, seq, b in synth]
+    cases = [c for c in cases if not args.only or (c[0] == real_name) == (args.only == 'real')]
+    for name, run in cases:
+        results[name] = {r: run(r) for r in ('baseline', 'qlora_nb')}
+        print(name, json.dumps(results[name]), flush=True)
+        out = save()
     print(json.dumps(out['ratios'], indent=2)); print(f'wrote {dest}')
     return out
 

@@ -31,10 +31,10 @@ def phase_main(work):
     return {'main_s': time.time() - t}
 
 
-def phase_compare(work, n, batch_size):
+def phase_compare(work, n, batch_size, sample_adapters=True):
     from qlora_nb.humaneval import run_comparison
     t = time.time()
-    run_comparison(work/'humaneval', n=n, batch_size=batch_size, workers=os.cpu_count())
+    run_comparison(work/'humaneval', n=n, batch_size=batch_size, workers=os.cpu_count(), sample_adapters=sample_adapters)
     return {'compare_s': time.time() - t}
 
 
@@ -48,7 +48,9 @@ def phase_bench(work):
 
 def keep(path:Path) -> bool:
     "Results worth bringing back: not checkpoints, not the TensorBoard logs."
-    return not any(p.startswith('checkpoint-') or p == 'logs' for p in path.parts)
+    if any(p.startswith('checkpoint-') or p == 'logs' for p in path.parts): return False
+    # the comparison's adapters stay behind: only their training summaries come back
+    return not (path.parts[:2] == ('humaneval', 'runs') and path.name not in ('run_summary.json', 'training_history.json', 'config.yaml'))
 
 
 def pack(work:Path, dest:Path, limit=15_000_000):
@@ -65,13 +67,14 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('phases', nargs='+', choices=['main', 'compare', 'bench'])
     ap.add_argument('--work', default='outputs/gpu'); ap.add_argument('--pack')
+    ap.add_argument('--greedy-adapters', action='store_true', help='adapters: greedy arms only (when GPU time is short)')
     ap.add_argument('--n', type=int, default=20); ap.add_argument('--batch-size', type=int, default=160)
     a = ap.parse_args()
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
     times = json.loads((work/'wall_times.json').read_text()) if (work/'wall_times.json').exists() else {}
     try:
         for ph in a.phases:
-            times |= {'main': lambda: phase_main(work), 'compare': lambda: phase_compare(work, a.n, a.batch_size),
+            times |= {'main': lambda: phase_main(work), 'compare': lambda: phase_compare(work, a.n, a.batch_size, not a.greedy_adapters),
                       'bench': lambda: phase_bench(work)}[ph]()
             (work/'wall_times.json').write_text(json.dumps(times, indent=2))
     finally:

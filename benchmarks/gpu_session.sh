@@ -12,7 +12,9 @@ mkdir -p /tmp/model
 case "$1" in
   setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
          cp .m*/part.* /tmp/model/; ls -la /tmp/model; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
-  part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
+  part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model
+         # results of an earlier machine (the lease ended mid-run): unpack them so the phases resume
+         if [ -f .prev/prev.tgz ]; then mkdir -p /tmp/gpu_work && tar xzf .prev/prev.tgz -C /tmp/gpu_work; fi ;;
   *)     [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
          mkdir -p /tmp/gpu_work
          timeout -s INT "${GPU_RUN_LIMIT:-540}" python3 benchmarks/gpu_run.py "$@" --work /tmp/gpu_work --pack "$OUT" ;;
