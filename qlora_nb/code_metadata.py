@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['LINEAR_CALLS', 'HASHING', 'fmt_cost', 'CostWalker', 'CodeMetadata', 'analyze', 'humaneval_metadata']
 
-# %% ../nbs/01a_code_metadata.ipynb #3684ac4b
+# %% ../nbs/01a_code_metadata.ipynb #543f239f
 import ast
 from dataclasses import dataclass
 
-# %% ../nbs/01a_code_metadata.ipynb #3e2794c6
+# %% ../nbs/01a_code_metadata.ipynb #0eb6042b
 def fmt_cost(c:tuple) -> str:
     "'O(...)' for a (power of n, power of log n) pair."
     p, l = c
@@ -20,7 +20,7 @@ def fmt_cost(c:tuple) -> str:
 def _add(a, b): return (a[0]+b[0], a[1]+b[1])
 def _max(*cs): return max(cs, default=(0, 0))
 
-# %% ../nbs/01a_code_metadata.ipynb #e2a39e9d
+# %% ../nbs/01a_code_metadata.ipynb #7b7d97c9
 LINEAR_CALLS = {'sum', 'max', 'min', 'any', 'all', 'list', 'set', 'dict', 'tuple', 'join', 'count', 'index',
                 'reversed', 'sorted', 'Counter', 'split', 'replace', 'lower', 'upper', 'remove', 'insert', 'str', 'filter', 'map'}
 HASHING = {'set', 'dict', 'Counter', 'defaultdict', 'frozenset'}
@@ -41,7 +41,7 @@ def _is_log_loop(node:ast.While) -> bool:
                                              for b in ast.walk(n.value)): return True
     return False
 
-# %% ../nbs/01a_code_metadata.ipynb #3bb34cef
+# %% ../nbs/01a_code_metadata.ipynb #9856cdee
 class CostWalker:
     "Cost and traits of the function `name`, given the other functions it may call (`helpers`: name -> FunctionDef)."
     def __init__(self, name, helpers):
@@ -95,7 +95,7 @@ class CostWalker:
             return _max(args, cost)
         return _max(args, (1, 0)) if name in LINEAR_CALLS else args
 
-# %% ../nbs/01a_code_metadata.ipynb #60a2cbde
+# %% ../nbs/01a_code_metadata.ipynb #e4903681
 @dataclass
 class CodeMetadata:
     function: str
@@ -108,7 +108,7 @@ class CodeMetadata:
         return (f"# .comments metadata\n# @function {self.function}\n# @algorithm {self.algorithm}\n"
                 f"# @time {self.time}\n# @space {self.space}\n")
 
-# %% ../nbs/01a_code_metadata.ipynb #4c6bdb17
+# %% ../nbs/01a_code_metadata.ipynb #61090c76
 def analyze(source:str, entry_point:str) -> CodeMetadata:
     "Metadata of function `entry_point` in `source` (a whole module: prompt + canonical solution)."
     tree = ast.parse(source)
@@ -127,7 +127,7 @@ def analyze(source:str, entry_point:str) -> CodeMetadata:
     grows = bool(t & {'container', 'slice', 'string', 'hashing', 'sorting'}) or w.self_calls > 0
     return CodeMetadata(entry_point, algo, time, 'O(n)' if grows else 'O(1)')
 
-# %% ../nbs/01a_code_metadata.ipynb #83a505eb
+# %% ../nbs/01a_code_metadata.ipynb #c4646a8e
 def humaneval_metadata(problems:dict) -> 'pd.DataFrame':
     "A table of the derived metadata of every problem, indexed by task id."
     import pandas as pd

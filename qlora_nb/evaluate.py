@@ -7,7 +7,7 @@ __all__ = ['MT_QUESTIONS', 'JUDGE_PROMPT', 'response_perplexity', 'rouge_l', 'si
            'alpaca_eval_format', 'evaluate_run', 'multi_turn_answers', 'judge_prompt', 'parse_verdict', 'local_judge',
            'endpoint_judge', 'pairwise_judge', 'judge_run']
 
-# %% ../nbs/05_evaluation.ipynb #c57ff6b8
+# %% ../nbs/05_evaluation.ipynb #8434d064
 import json, math, re
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from transformers import DataCollatorForSeq2Seq
 from .data import build_prompt, response_text
 from .infer import GenerationSettings, generate
 
-# %% ../nbs/05_evaluation.ipynb #b2cec728
+# %% ../nbs/05_evaluation.ipynb #763c0dc3
 @torch.no_grad()
 def response_perplexity(model, tok, ds, batch_size:int=8) -> dict:
     "Loss and perplexity of `model` over the trained (response) tokens of tokenized dataset `ds`."
@@ -34,7 +34,7 @@ def response_perplexity(model, tok, ds, batch_size:int=8) -> dict:
         total += loss.item(); n += int((labels != -100).sum())
     return {'loss': total / n, 'perplexity': math.exp(total / n), 'tokens': n}
 
-# %% ../nbs/05_evaluation.ipynb #8136e4a1
+# %% ../nbs/05_evaluation.ipynb #297e405b
 def rouge_l(preds:list, refs:list) -> list:
     "ROUGE-L F1 of each prediction against its reference."
     from rouge_score import rouge_scorer
@@ -51,7 +51,7 @@ def side_by_side(examples, models:dict, tok, template:str='chat', s:GenerationSe
         for row, o, rl in zip(rows, outs, rouge_l(outs, refs)): row |= {f'{name} output': o, f'{name} rougeL': rl}
     return rows
 
-# %% ../nbs/05_evaluation.ipynb #905fa973
+# %% ../nbs/05_evaluation.ipynb #87933af1
 def summarize(rows:list, names) -> dict:
     "Mean ROUGE-L and output length (words) per model."
     return {n: {'rougeL': float(np.mean([r[f'{n} rougeL'] for r in rows])),
@@ -70,7 +70,7 @@ def alpaca_eval_format(rows:list, name:str, generator:str) -> list:
     "The outputs of model `name` in AlpacaEval's format (instruction, output, generator)."
     return [{'instruction': r['instruction'], 'output': r[f'{name} output'], 'generator': generator} for r in rows]
 
-# %% ../nbs/05_evaluation.ipynb #39c97ea8
+# %% ../nbs/05_evaluation.ipynb #9836ccd2
 def evaluate_run(run_dir, n_samples:int=8, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
     "Perplexity (base vs fine-tuned) on the test split and a side-by-side of `n_samples` test examples of a finished run."
     from qlora_nb.core import load_config
@@ -91,7 +91,7 @@ def evaluate_run(run_dir, n_samples:int=8, s:GenerationSettings=GenerationSettin
     (out_dir/'alpaca_eval_outputs.json').write_text(json.dumps(alpaca_eval_format(rows, 'fine-tuned', f'{cfg.model.name}+{run_dir.name}'), indent=2))
     return out
 
-# %% ../nbs/05_evaluation.ipynb #2ce3ee3f
+# %% ../nbs/05_evaluation.ipynb #02c8993c
 MT_QUESTIONS = [
     {'id': 'writing-1', 'category': 'writing', 'turns': ["Write a four-line poem about a lighthouse keeper who has never seen the sea by day.", "Rewrite your poem so that every line starts with the letter S."]},
     {'id': 'writing-2', 'category': 'writing', 'turns': ["Draft a short email asking a colleague to review a pull request by Friday.", "Make the email half as long and more friendly."]},
@@ -107,7 +107,7 @@ MT_QUESTIONS = [
     {'id': 'extraction-2', 'category': 'extraction', 'turns': ["List every person named in: 'Maria met Tom at noon; later Tom called Priya, who emailed Maria.'", "For each person, say how many times they are mentioned."]},
 ]
 
-# %% ../nbs/05_evaluation.ipynb #7cf23dc3
+# %% ../nbs/05_evaluation.ipynb #3cab0679
 def multi_turn_answers(model, tok, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200)) -> list:
     "Per question, the model's answer to each turn, every turn conditioned on its own earlier answers."
     convs = [[] for _ in questions]
@@ -118,7 +118,7 @@ def multi_turn_answers(model, tok, questions:list=MT_QUESTIONS, s:GenerationSett
         for i, o in zip(live, outs): convs[i].append({'role': 'assistant', 'content': o.strip()})
     return [{'id': q['id'], 'category': q['category'], 'messages': c} for q, c in zip(questions, convs)]
 
-# %% ../nbs/05_evaluation.ipynb #3ec5f733
+# %% ../nbs/05_evaluation.ipynb #55440de5
 JUDGE_PROMPT = """Please act as an impartial judge and compare two AI assistants' answers to the user's conversation below. Judge helpfulness, correctness and relevance of the final answer. Do not let the order of the answers, their length or the assistants' names influence you. Reply with your verdict only: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.
 
 [Conversation]
@@ -140,7 +140,7 @@ def parse_verdict(text:str) -> str|None:
     found = set(re.findall(r'\[\[([ABC])\]\]', text))
     return {'A': 'A', 'B': 'B', 'C': 'tie'}[found.pop()] if len(found) == 1 else None
 
-# %% ../nbs/05_evaluation.ipynb #dc8be915
+# %% ../nbs/05_evaluation.ipynb #3dc4e965
 def local_judge(model, tok, max_new_tokens:int=8):
     "A judge that asks a local chat model, with its reply started as `[[`."
     def judge(prompt:str) -> str:
@@ -161,7 +161,7 @@ def endpoint_judge(url:str|None=None, model:str|None=None, key:str|None=None, ti
         with urllib.request.urlopen(req, timeout=timeout) as r: return json.loads(r.read())['choices'][0]['message']['content']
     return judge
 
-# %% ../nbs/05_evaluation.ipynb #a446f1ba
+# %% ../nbs/05_evaluation.ipynb #ee34b865
 def _outcome(first, second):
     "Fine-tuned's result from the verdicts with it as A (first) and as B (second)."
     if first is None or second is None: return 'unparsed'
@@ -183,7 +183,7 @@ def pairwise_judge(base:list, tuned:list, judge) -> dict:
     rates = {k: {'rate': counts[k] / n, 'ci95': list(binomtest(counts[k], n).proportion_ci(method='wilson'))} for k in ('win', 'tie', 'loss')} if n else {}
     return {'counts': counts, 'judged': n, 'rates': rates, 'questions': rows}
 
-# %% ../nbs/05_evaluation.ipynb #0303a288
+# %% ../nbs/05_evaluation.ipynb #95759b85
 def judge_run(run_dir, judge=None, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
     "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to eval/judge.json."
     from qlora_nb.core import load_config

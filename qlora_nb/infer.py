@@ -6,7 +6,7 @@
 __all__ = ['GENERATION_PRESETS', 'GenerationSettings', 'update_settings', 'generation_quant', 'load_generator', 'cut_at_stop',
            'generate', 'stream_reply', 'chat_reply', 'chat_widget', 'generate_file']
 
-# %% ../nbs/05a_inference.ipynb #31c57bc8
+# %% ../nbs/05a_inference.ipynb #7de61343
 from dataclasses import dataclass, asdict, replace, fields
 from pathlib import Path
 from threading import Thread
@@ -18,7 +18,7 @@ from .core import ConfigError, ModelSettings, QuantSettings
 from .data import build_prompt
 from .model import load_model
 
-# %% ../nbs/05a_inference.ipynb #769aa11c
+# %% ../nbs/05a_inference.ipynb #dcbe0268
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 256
@@ -43,7 +43,7 @@ GENERATION_PRESETS = {
     'reasoning': GenerationSettings(temperature=0.7, top_p=0.9, top_k=50),
 }
 
-# %% ../nbs/05a_inference.ipynb #004bd79e
+# %% ../nbs/05a_inference.ipynb #a0fd15ec
 def update_settings(s:GenerationSettings, **changes) -> GenerationSettings:
     "`s` with `changes` (strings are converted to the field's type), checked."
     types = {f.name: f.type for f in fields(GenerationSettings)}
@@ -57,7 +57,7 @@ def update_settings(s:GenerationSettings, **changes) -> GenerationSettings:
         raise ConfigError(f"impossible generation settings: {s}")
     return s
 
-# %% ../nbs/05a_inference.ipynb #5dae7e08
+# %% ../nbs/05a_inference.ipynb #df282b4a
 def generation_quant(bits:int|None=None) -> QuantSettings:
     "4-bit on a GPU (as trained); 16-bit on a CPU, where bitsandbytes would dequantize every weight at every token."
     return QuantSettings(bits=bits or (4 if torch.cuda.is_available() else 16))
@@ -71,7 +71,7 @@ def load_generator(model:str='default', adapter:str|None=None, quant:QuantSettin
         m = PeftModel.from_pretrained(m, adapter)
     return m.eval(), tok
 
-# %% ../nbs/05a_inference.ipynb #24b7ed1d
+# %% ../nbs/05a_inference.ipynb #6398ff4e
 def cut_at_stop(text:str, stop=()) -> str:
     "`text` up to the first stop string."
     idx = [text.find(s) for s in stop if s and s in text]
@@ -91,7 +91,7 @@ def generate(model, tok, prompts:list[str], s:GenerationSettings=GenerationSetti
         out += [cut_at_stop(t, s.stop) for t in tok.batch_decode(ids[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)]
     return out
 
-# %% ../nbs/05a_inference.ipynb #56d0e3b1
+# %% ../nbs/05a_inference.ipynb #9ebd38ee
 def stream_reply(model, tok, messages:list, s:GenerationSettings=GenerationSettings()):
     "Yield the assistant's reply to `messages` piece by piece."
     prompt = build_prompt({'messages': messages}, tok, 'chat')
@@ -107,7 +107,7 @@ def chat_reply(model, tok, messages:list, s:GenerationSettings=GenerationSetting
     "The assistant's whole reply to `messages`."
     return ''.join(stream_reply(model, tok, messages, s)).strip()
 
-# %% ../nbs/05a_inference.ipynb #99a7738e
+# %% ../nbs/05a_inference.ipynb #0147eb88
 def chat_widget(model, tok, s:GenerationSettings=GenerationSettings()):
     "An ipywidgets chat: a text box, generation sliders, and the streamed conversation."
     import ipywidgets as w
@@ -129,7 +129,7 @@ def chat_widget(model, tok, s:GenerationSettings=GenerationSettings()):
     box.on_submit(send)
     return w.VBox([w.HBox([temp, top_p, max_new]), log, box])
 
-# %% ../nbs/05a_inference.ipynb #3fd20902
+# %% ../nbs/05a_inference.ipynb #4cfb570e
 def _to_record(x, i, path):
     if isinstance(x, str): return {'messages': [{'role': 'user', 'content': x}], 'instruction': x, 'context': ''}
     if isinstance(x, dict) and 'messages' in x: return x

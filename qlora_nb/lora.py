@@ -6,20 +6,20 @@
 __all__ = ['lora_config', 'enable_checkpointing', 'prepare_for_qlora', 'add_lora', 'trainable_report', 'one_step',
            'memory_stages', 'step_changes', 'reload_adapter']
 
-# %% ../nbs/03_lora.ipynb #1b420a9b
+# %% ../nbs/03_lora.ipynb #a3f4d0c1
 import re
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .core import LoraSettings, ModelSettings, RunConfig
 
-# %% ../nbs/03_lora.ipynb #bb98a7eb
+# %% ../nbs/03_lora.ipynb #2b92f84e
 def lora_config(l:LoraSettings) -> LoraConfig:
     "peft's LoraConfig for LoRA settings `l`."
     return LoraConfig(r=l.r, lora_alpha=l.lora_alpha, lora_dropout=l.lora_dropout, target_modules=l.target_modules,
                       bias=l.bias, use_rslora=l.use_rslora, use_dora=l.use_dora, task_type='CAUSAL_LM')
 
-# %% ../nbs/03_lora.ipynb #49a5b971
+# %% ../nbs/03_lora.ipynb #375a72c6
 def enable_checkpointing(model):
     "Gradient (activation) checkpointing with use_reentrant=False, by the API of the installed transformers."
     kw = {'use_reentrant': False}
@@ -39,7 +39,7 @@ def add_lora(model, l:LoraSettings=LoraSettings(), gradient_checkpointing:bool=T
     "The frozen `model` with trainable LoRA adapters (a peft `PeftModel`)."
     return get_peft_model(prepare_for_qlora(model, gradient_checkpointing), lora_config(l))
 
-# %% ../nbs/03_lora.ipynb #49d0ac5a
+# %% ../nbs/03_lora.ipynb #0095ec78
 def trainable_report(model) -> 'pd.DataFrame':
     "Trainable parameters per module type (q_proj, ...), with the total and its share of all parameters."
     import pandas as pd
@@ -54,7 +54,7 @@ def trainable_report(model) -> 'pd.DataFrame':
     df['% of all parameters'] = (100 * df['trainable parameters'] / total).round(3)
     return df
 
-# %% ../nbs/03_lora.ipynb #d0823688
+# %% ../nbs/03_lora.ipynb #d4137960
 def one_step(model, tok, text:str, lr:float=1e-3, optim:str='paged_adamw_8bit'):
     "One optimizer step of `model` on `text` (the loss on every token); returns the loss."
     import bitsandbytes as bnb
@@ -77,7 +77,7 @@ def _stages(cfg:RunConfig, seq_len:int):
     one_step(model, tok, tok.decode(ids), optim=cfg.train.optim); mem.snapshot('after one training step')
     return mem.rows, weight_footprint(model, cfg.train.optim)
 
-# %% ../nbs/03_lora.ipynb #5e83ff95
+# %% ../nbs/03_lora.ipynb #8bb8496f
 def memory_stages(cfg:RunConfig=RunConfig(), seq_len:int=256):
     "(table of memory at each stage, parameter footprint) of a QLoRA setup, measured in a fresh process."
     import json, subprocess, sys, pandas as pd
@@ -88,7 +88,7 @@ def memory_stages(cfg:RunConfig=RunConfig(), seq_len:int=256):
     rows, fp = json.loads(r.stdout.strip().splitlines()[-1])
     return pd.DataFrame(rows).set_index('stage').round(3), fp
 
-# %% ../nbs/03_lora.ipynb #353b5e6a
+# %% ../nbs/03_lora.ipynb #0e6d4ceb
 def step_changes(model, tok, text:str='def add(a, b):\n    return a + b\n', **kwargs) -> dict:
     "After one optimizer step: which lora_B tensors changed, and which frozen tensors changed."
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,7 +99,7 @@ def step_changes(model, tok, text:str='def add(a, b):\n    return a + b\n', **kw
     frozen = {n for n, p in after.items() if not p.requires_grad}
     return {'lora_B total': len(lora_b), 'lora_B changed': len(lora_b & changed), 'frozen changed': sorted(frozen & changed)}
 
-# %% ../nbs/03_lora.ipynb #ddf8460c
+# %% ../nbs/03_lora.ipynb #74f8dd38
 def reload_adapter(base_settings:ModelSettings, q, adapter_dir):
     "A freshly loaded base (as `base_settings`, `q`) with the adapter saved in `adapter_dir`."
     from qlora_nb.model import load_model

@@ -6,7 +6,7 @@
 __all__ = ['PAD_CANDIDATES', 'quant_config', 'fix_pad_token', 'load_tokenizer', 'load_model', 'MemoryLog', 'weight_footprint',
            'footprint_from_config', 'llama3_8b_config', 'llama32_3b_config', 'footprint_table', 'compare_logits']
 
-# %% ../nbs/02_model.ipynb #e24b097d
+# %% ../nbs/02_model.ipynb #0dde7179
 import gc, importlib.util, os, warnings
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from .core import ModelSettings, QuantSettings, RunConfig, resolve_compute_dtype
 from .weights import resolve_model
 
-# %% ../nbs/02_model.ipynb #6239b53d
+# %% ../nbs/02_model.ipynb #97b7e5b8
 def quant_config(q:QuantSettings) -> BitsAndBytesConfig|None:
     "The bitsandbytes config of quantization settings `q`; None for 16-bit (unquantized) loading."
     dtype = resolve_compute_dtype(q.compute_dtype)
@@ -25,7 +25,7 @@ def quant_config(q:QuantSettings) -> BitsAndBytesConfig|None:
     if q.bits == 8: return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
-# %% ../nbs/02_model.ipynb #474b52cb
+# %% ../nbs/02_model.ipynb #76722320
 PAD_CANDIDATES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>', '<|reserved_special_token_0|>', '<|endoftext|>', '<unk>')
 
 def fix_pad_token(tok):
@@ -43,7 +43,7 @@ def load_tokenizer(path, padding_side:str='right'):
     tok.padding_side = padding_side
     return tok
 
-# %% ../nbs/02_model.ipynb #65454082
+# %% ../nbs/02_model.ipynb #d94dfa9b
 def _attn(name:str) -> str:
     if name == 'flash_attention_2' and importlib.util.find_spec('flash_attn') is None:
         warnings.warn("flash_attention_2 asked for but flash-attn is not installed: using sdpa"); return 'sdpa'
@@ -60,7 +60,7 @@ def load_model(m:ModelSettings=ModelSettings(), q:QuantSettings=QuantSettings(),
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
-# %% ../nbs/02_model.ipynb #0781d066
+# %% ../nbs/02_model.ipynb #84e9b889
 @dataclass
 class MemoryLog:
     "Memory measured at named stages of a run: GPU allocated/reserved/peak when there is a GPU, process RSS always."
@@ -81,7 +81,7 @@ class MemoryLog:
         import pandas as pd
         return pd.DataFrame(self.rows).set_index('stage').round(3)
 
-# %% ../nbs/02_model.ipynb #2654d886
+# %% ../nbs/02_model.ipynb #45dda6f8
 def _tensor_bytes(obj) -> int:
     "Bytes of every tensor held by a bitsandbytes quant state (scales, nested scales, code tables)."
     if isinstance(obj, torch.Tensor): return obj.numel() * obj.element_size()
@@ -101,7 +101,7 @@ def weight_footprint(model, optim:str='paged_adamw_8bit') -> dict:
     out['optimizer state'] = trainable * (2 if '8bit' in optim else 8)  # Adam's two moments, 1 or 4 bytes each
     return out
 
-# %% ../nbs/02_model.ipynb #ae8d1c06
+# %% ../nbs/02_model.ipynb #218c8913
 def _linear_shapes(c):
     h, i, hd = c.hidden_size, c.intermediate_size, getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
@@ -126,7 +126,7 @@ def footprint_from_config(c, bits:int=4, double_quant:bool=True, r:int=16, targe
             'activations (checkpointed)': act_bytes * tokens * c.hidden_size * c.num_hidden_layers,
             'logits + grad (fp32)': 2 * 4 * tokens * c.vocab_size}
 
-# %% ../nbs/02_model.ipynb #5d4cec23
+# %% ../nbs/02_model.ipynb #fe7aa902
 from transformers import LlamaConfig
 
 def llama3_8b_config():
@@ -137,7 +137,7 @@ def llama32_3b_config():
     return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 
-# %% ../nbs/02_model.ipynb #3c5bd69c
+# %% ../nbs/02_model.ipynb #a3125fab
 def footprint_table(configs:dict, **kwargs) -> 'pd.DataFrame':
     "GB by kind for each named config, with the total."
     import pandas as pd
@@ -145,7 +145,7 @@ def footprint_table(configs:dict, **kwargs) -> 'pd.DataFrame':
     df.loc['total'] = df.sum()
     return df.round(2)
 
-# %% ../nbs/02_model.ipynb #47bc3e75
+# %% ../nbs/02_model.ipynb #fea3a4da
 def compare_logits(a, b, tok, texts) -> dict:
     "Top-1 agreement and mean |Δlogit| (relative to the logits' std) of models `a` and `b` on `texts`."
     agree, diffs, stds = [], [], []

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['SANDBOX_UID', 'LAUNCHER', 'PRELUDE', 'Limits', 'program_text', 'RunResult', 'sandbox_python', 'run_program']
 
-# %% ../nbs/06a_sandbox.ipynb #cf787ece
+# %% ../nbs/06a_sandbox.ipynb #4c0218d5
 import ctypes, json, os, secrets, shutil, signal, subprocess, sys, tempfile, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import psutil
 
-# %% ../nbs/06a_sandbox.ipynb #197839cf
+# %% ../nbs/06a_sandbox.ipynb #54f8842c
 @dataclass
 class Limits:
     "Resource limits of one sandboxed program."
@@ -26,7 +26,7 @@ class Limits:
 
 SANDBOX_UID = 61_337  # a uid no account uses: everything it owns is the sandbox's, and is killed after each run
 
-# %% ../nbs/06a_sandbox.ipynb #dd46fa49
+# %% ../nbs/06a_sandbox.ipynb #81aeb52f
 LAUNCHER = r'''
 import ctypes, json, os, resource, sys
 cfg = json.loads(sys.argv[1]); applied = []
@@ -48,7 +48,7 @@ os.dup2(out, 1); os.dup2(err, 2)
 os.execve(cfg['python'], [cfg['python'], '-I', '-B', 'program.py'], cfg['env'])
 '''
 
-# %% ../nbs/06a_sandbox.ipynb #1675a335
+# %% ../nbs/06a_sandbox.ipynb #56dfad90
 PRELUDE = '''import os as _os
 _nonce = _os.environ.pop('QLORA_NB_NONCE', '')
 def _done():
@@ -66,7 +66,7 @@ def program_text(code:str, guard:bool=True) -> str:
     "The file that runs untrusted `code`: nonce prelude, optional guard, the code, then the nonce line."
     return PRELUDE + (_guard_source() if guard else '') + code + '\n\n_done()\n'
 
-# %% ../nbs/06a_sandbox.ipynb #e24d00d9
+# %% ../nbs/06a_sandbox.ipynb #8db722ef
 @dataclass
 class RunResult:
     status: str  # 'passed', 'failed', 'timed out' or 'error'
@@ -95,7 +95,7 @@ def _read(path, cap):
         with open(path, 'rb') as f: return f.read(cap).decode('utf-8', 'replace')
     except OSError: return ''
 
-# %% ../nbs/06a_sandbox.ipynb #f50b421c
+# %% ../nbs/06a_sandbox.ipynb #286c1790
 def _classify(code, timed_out, out, err, nonce, wall):
     last = out.rstrip('\n').rsplit('\n', 1)[-1] if out.strip() else ''
     if timed_out: return 'timed out', f'killed after {wall:.1f} s'
@@ -108,7 +108,7 @@ def _classify(code, timed_out, out, err, nonce, wall):
     if code == 0: return 'failed', 'exited before its tests finished'
     return 'error', line or f'exit status {code}'
 
-# %% ../nbs/06a_sandbox.ipynb #39cb01b4
+# %% ../nbs/06a_sandbox.ipynb #3ffbc5ed
 def _world_executable(path) -> bool:
     p = Path(os.path.realpath(path))
     return all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents])

@@ -7,7 +7,7 @@ __all__ = ['TRAIN_COLUMNS', 'QUICK', 'sft_config', 'trainer_datasets', 'Training
            'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'TrainResult',
            'build_trainer', 'train', 'StopAtStep']
 
-# %% ../nbs/04_training.ipynb #e7aed244
+# %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +23,7 @@ from .model import load_model, load_tokenizer
 from .lora import add_lora
 from .weights import resolve_model
 
-# %% ../nbs/04_training.ipynb #41715842
+# %% ../nbs/04_training.ipynb #391b09a6
 import dataclasses
 _CKPT_ARG = 'activation_checkpointing' if 'activation_checkpointing' in {f.name for f in dataclasses.fields(SFTConfig)} else 'gradient_checkpointing'
 
@@ -47,7 +47,7 @@ def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
     return SFTConfig(**{**args, **kwargs})
 
-# %% ../nbs/04_training.ipynb #7dbc87ce
+# %% ../nbs/04_training.ipynb #bfccf1c9
 TRAIN_COLUMNS = ['input_ids', 'attention_mask', 'labels']
 
 def trainer_datasets(data:PreparedData, packing:bool=False):
@@ -55,7 +55,7 @@ def trainer_datasets(data:PreparedData, packing:bool=False):
     cols = ['input_ids', 'labels'] if packing else TRAIN_COLUMNS
     return data.splits['train'].select_columns(cols), data.splits['validation'].select_columns(cols)
 
-# %% ../nbs/04_training.ipynb #875c9738
+# %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
@@ -92,13 +92,13 @@ class HistoryCallback(TrainerCallback):
         self.log.info(json.dumps(entry))
         write_json(self.run_dir/'training_history.json', state.log_history)
 
-# %% ../nbs/04_training.ipynb #71e15ce8
+# %% ../nbs/04_training.ipynb #57f08ac3
 def write_json(path, obj):
     "Write `obj` as JSON atomically (a temporary file, then a rename)."
     path = Path(path); tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2, default=str)); tmp.replace(path)
 
-# %% ../nbs/04_training.ipynb #6b458004
+# %% ../nbs/04_training.ipynb #bd24b9ef
 def in_notebook() -> bool:
     try: return type(get_ipython()).__name__ == 'ZMQInteractiveShell'
     except NameError: return False
@@ -130,7 +130,7 @@ class LivePlotCallback(TrainerCallback):
         if self.handle is None: self.handle = display(fig, display_id=True)
         else: self.handle.update(fig)
 
-# %% ../nbs/04_training.ipynb #baccda45
+# %% ../nbs/04_training.ipynb #4a3fdf79
 def environment() -> dict:
     "Hardware, library versions and git commit of this process."
     import importlib.metadata as md
@@ -145,7 +145,7 @@ def environment() -> dict:
             'gpu': gpu, 'gpu_memory_gb': torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else None,
             'versions': vers, 'git_commit': commit}
 
-# %% ../nbs/04_training.ipynb #2aa6ff40
+# %% ../nbs/04_training.ipynb #73eae696
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -169,7 +169,7 @@ def _oom_advice(cfg, step):
             f"--set train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same effective batch); "
             f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; or rerun with --auto-batch.")
 
-# %% ../nbs/04_training.ipynb #67e6a22f
+# %% ../nbs/04_training.ipynb #dfd7112c
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
@@ -207,7 +207,7 @@ def _finish(cfg, trainer, tok, wall, resume_from):
     write_json(run_dir/'run_summary.json', summary)
     return summary
 
-# %% ../nbs/04_training.ipynb #1048f55e
+# %% ../nbs/04_training.ipynb #bb12559d
 def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the run, or a checkpoint folder
           auto_batch:bool=False, # on CUDA OOM, retry with half the batch and twice the accumulation
           callbacks=(), data:PreparedData|None=None, live:bool=True) -> TrainResult:
@@ -239,14 +239,14 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     summary = _finish(cfg, trainer, tok, time.time() - start, resume_from)
     return TrainResult(cfg.run_dir, trainer.state.log_history, summary, trainer)
 
-# %% ../nbs/04_training.ipynb #60579354
+# %% ../nbs/04_training.ipynb #3d1f7c1a
 class StopAtStep(TrainerCallback):
     "Stop training after `step` (to simulate an interruption right after a checkpoint)."
     def __init__(self, step): self.step = step
     def on_step_end(self, args, state, control, **kw):
         if state.global_step >= self.step: control.should_training_stop = True
 
-# %% ../nbs/04_training.ipynb #f3f87f79
+# %% ../nbs/04_training.ipynb #3ca799d0
 QUICK = ['data.max_samples=16', 'train.num_train_epochs=3', 'train.per_device_train_batch_size=4',
          'train.gradient_accumulation_steps=1', 'train.learning_rate=3e-4', 'train.logging_steps=1', 'train.eval_steps=4',
          'train.save_steps=4', 'data.max_seq_length=512', 'train.gradient_checkpointing=false']

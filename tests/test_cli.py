@@ -67,3 +67,22 @@ def test_humaneval_command_writes_results(tmp_path):
     res = json.loads((tmp_path/'humaneval'/'results.json').read_text())
     assert res['n_problems'] == 82 and res['spec']['fold'] == 0 and res['pass@1'] == 0.0
     assert len((tmp_path/'humaneval'/'samples.jsonl').read_text().splitlines()) == 82
+
+
+def test_package_verify_and_report_of_a_tiny_run(tmp_path):
+    from test_train_cli import tiny_args
+    r = qlora_nb('train', *tiny_args(tmp_path, 'tiny', steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path/'tiny'
+    r = qlora_nb('package', str(run), '--merged', '--version', '1.2.3')
+    assert r.returncode == 0, r.stderr[-2000:]
+    archive = run/'package'/'tiny-1.2.3.tar.gz'
+    assert archive.exists()
+    r = qlora_nb('package', 'verify', str(archive))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    rep = json.loads(r.stdout)
+    assert rep['files_checked'] > 5 and rep['adapter'].startswith('loaded PeftModel') and 'merged' in rep
+    r = qlora_nb('report', str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run/'report'/'report.html').read_text().count('data:image/png;base64,') == 1  # training curves
