@@ -5,15 +5,15 @@
 # %% auto #0
 __all__ = ['SECTIONS', 'CSS', 'load_artifacts', 'dataset_section', 'implementation_section', 'training_section',
            'evaluation_section', 'humaneval_section', 'hardware_section', 'discussion_section', 'report_markdown',
-           'write_report', 'chromium', 'report_pdf']
+           'write_report', 'chromium', 'report_pdf', 'benchmark_table', 'plot_benchmark']
 
-# %% ../nbs/08_report.ipynb #cd481ae5
+# %% ../nbs/08_report.ipynb #93fc17c7
 import base64, html, io, json
 from pathlib import Path
 
 import yaml
 
-# %% ../nbs/08_report.ipynb #178bf55f
+# %% ../nbs/08_report.ipynb #53c94dc4
 def _json(p): return json.loads(Path(p).read_text()) if p and Path(p).exists() else None
 
 def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
@@ -26,7 +26,7 @@ def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
             'samples': _json(run_dir/'eval'/'samples.json'), 'judge': _json(run_dir/'eval'/'judge.json'),
             'humaneval': _json(he/'comparison.json'), 'humaneval_dir': he, 'bench': _json(bench), 'extra': extra or {}}
 
-# %% ../nbs/08_report.ipynb #0cc1258f
+# %% ../nbs/08_report.ipynb #2b406944
 def _table(rows:dict, cols) -> str:
     "A Markdown table of {row name: {column: value}}."
     fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
@@ -51,7 +51,7 @@ def implementation_section(a) -> str:
             'libraries': {'value': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}}
     return '## Implementation\n\n' + _table(rows, ['value'])
 
-# %% ../nbs/08_report.ipynb #2691b929
+# %% ../nbs/08_report.ipynb #b9d5d9c6
 def training_section(a) -> str:
     s, h = a['summary'], a['history']
     tps = [x['tokens_per_s'] for x in h if 'tokens_per_s' in x]
@@ -74,7 +74,7 @@ def evaluation_section(a) -> str:
                 f"{j['judged']} judged, **{j['counts']['unparsed']} unparsed** (left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
     return out
 
-# %% ../nbs/08_report.ipynb #4651b25b
+# %% ../nbs/08_report.ipynb #4bb1237b
 def humaneval_section(a) -> str:
     h = a['humaneval']
     if not h: return '## HumanEval\n\nNo HumanEval comparison for this run.\n'
@@ -98,7 +98,7 @@ def hardware_section(a) -> str:
         out += '\nTraining speed against the seeds\' recipe (`benchmarks/bench.py`, same GPU, same run; ratios qlora_nb / baseline):\n\n' + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU'])
     return out
 
-# %% ../nbs/08_report.ipynb #14e3a985
+# %% ../nbs/08_report.ipynb #3b9691fc
 def discussion_section(a) -> str:
     s, m, h = a['summary'], a['metrics'], a['humaneval']
     pts = []
@@ -117,7 +117,7 @@ def discussion_section(a) -> str:
 
 SECTIONS = (dataset_section, implementation_section, training_section, evaluation_section, humaneval_section, hardware_section, discussion_section)
 
-# %% ../nbs/08_report.ipynb #b25eba1b
+# %% ../nbs/08_report.ipynb #cc95aad8
 def _png_data(fig_or_path) -> str:
     if isinstance(fig_or_path, (str, Path)): raw = Path(fig_or_path).read_bytes()
     else:
@@ -145,7 +145,7 @@ def write_report(a, dest, title:str|None=None) -> Path:
     dest.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or "report")}</title><style>{CSS}</style></head><body>{body}</body></html>')
     return dest
 
-# %% ../nbs/08_report.ipynb #33e67ae2
+# %% ../nbs/08_report.ipynb #75b5598c
 def chromium() -> str|None:
     "The path of a Chromium/Chrome binary, if one is installed."
     import shutil
@@ -160,3 +160,25 @@ def report_pdf(html_path, dest=None) -> Path|None:
     subprocess.run([exe, '--headless', '--no-sandbox', '--disable-gpu', f'--print-to-pdf={dest.resolve()}', '--no-pdf-header-footer',
                     Path(html_path).resolve().as_uri()], check=True, capture_output=True, timeout=120)
     return dest
+
+# %% ../nbs/08_report.ipynb #49ab7553
+def benchmark_table(bench:dict) -> 'pd.DataFrame':
+    "One row per case and recipe: tokens/s, peak memory, MFU, epoch time and eval loss where measured."
+    import pandas as pd
+    rows = {}
+    for case, by in bench['results'].items():
+        for recipe, r in by.items():
+            rows[(case, recipe)] = {'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')), 'tokens/s incl. padding': r.get('tokens_per_s_all'),
+                                    'peak GiB': r.get('peak_gib'), 'MFU': r.get('mfu'), 'epoch s': r.get('epoch_s'), 'eval loss': r.get('eval_loss'),
+                                    'padding': r.get('padding_fraction'), 'kernels': r.get('liger', '')}
+    return pd.DataFrame(rows).T
+
+def plot_benchmark(bench:dict):
+    "Speed-up and memory ratio (qlora_nb / baseline) per case."
+    import matplotlib.pyplot as plt
+    rat = bench['ratios']; names = list(rat)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3))
+    axs[0].barh(names, [rat[n]['speedup'] for n in names]); axs[0].axvline(1, color='k', lw=.8); axs[0].set(title='tokens/s, qlora_nb / baseline')
+    axs[1].barh(names, [rat[n]['memory_ratio'] or 0 for n in names], color='C1'); axs[1].axvline(1, color='k', lw=.8); axs[1].set(title='peak memory, qlora_nb / baseline')
+    axs[1].set_yticklabels([]); fig.tight_layout()
+    return fig
