@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['NAV_CSS', 'processed_nb', 'readme_text', 'write_readme', 'site_pages', 'build_site', 'check_site']
 
-# %% ../nbs/10_docs.ipynb #4b9fc5e3
+# %% ../nbs/10_docs.ipynb #16a13809
 import os, re, tempfile
 from pathlib import Path
 import nbformat, yaml
@@ -14,7 +14,7 @@ from nbconvert import MarkdownExporter
 from nbdev.config import get_config
 from nbdev.processors import FilterDefaults
 
-# %% ../nbs/10_docs.ipynb #4638d45e
+# %% ../nbs/10_docs.ipynb #4da1aa59
 def processed_nb(nb_path) -> nbformat.NotebookNode:
     "Notebook `nb_path` after nbdev's docs processors, as Quarto would receive it."
     nb = read_nb(nb_path)
@@ -25,8 +25,9 @@ def processed_nb(nb_path) -> nbformat.NotebookNode:
     with tempfile.TemporaryDirectory() as d:
         write_nb(nb, Path(d)/'nb.ipynb')
         out = nbformat.read(Path(d)/'nb.ipynb', as_version=4)
-    for c in out.cells:  # Quarto's `echo: false`, for nbconvert: show the output, not the code
-        if c.get('id') in no_echo: c.metadata.setdefault('transient', {})['remove_source'] = True
+    for c in out.cells:  # Quarto's `echo: false` (ours, and nbdev's show_doc cells), for nbconvert: the output, not the code
+        if c.get('id') in no_echo or re.search(r'(?m)^#\|\s*echo:\s*false', c.source):
+            c.metadata.setdefault('transient', {})['remove_source'] = True
     return out
 
 def readme_text(nb_name:str='index.ipynb') -> str:
@@ -45,7 +46,7 @@ def write_readme() -> Path:
     path.write_text(readme_text())
     return path
 
-# %% ../nbs/10_docs.ipynb #537c519a
+# %% ../nbs/10_docs.ipynb #3c0a6f14
 def site_pages() -> list[Path]:
     "The notebooks of the site, in the sidebar's order."
     cfg = get_config()
@@ -57,16 +58,19 @@ def _page_name(nb) -> str:
     stem = Path(nb).stem
     return 'index.html' if stem == 'index' else re.sub(r'^\d+[a-z]?_', '', stem) + '.html'
 
-def _title(node) -> str:
+def _front(node) -> dict:
+    "The page's title and description: nbdev turns the first `# Title` / `> description` cell into front matter."
     for c in node.cells:
-        if c.cell_type == 'raw' and 'title:' in c.source: return yaml.safe_load(c.source.strip().strip('-'))['title']
-        if c.cell_type == 'markdown' and c.source.startswith('# '): return c.source.splitlines()[0][2:]
-    return 'untitled'
+        if c.cell_type == 'raw' and 'title:' in c.source: return yaml.safe_load(c.source.strip().strip('-'))
+        if c.cell_type == 'markdown' and c.source.startswith('# '): return {'title': c.source.splitlines()[0][2:]}
+    return {'title': 'untitled'}
 
-# %% ../nbs/10_docs.ipynb #ddde71d3
+def _title(node) -> str: return _front(node)['title']
+
+# %% ../nbs/10_docs.ipynb #6e9f5e8d
 NAV_CSS = ('<style>body{margin:0}.qnav{position:fixed;top:0;left:0;bottom:0;width:220px;overflow:auto;background:#f6f8fa;border-right:1px solid #ddd;'
            'padding:1em;font:14px system-ui,sans-serif}.qnav a{display:block;padding:.25em 0;color:#0b5394;text-decoration:none}'
-           '.qnav a.here{font-weight:bold;color:#000}.qmain{margin-left:250px;padding:1em 2em;max-width:1100px}</style>')
+           '.qnav a.here{font-weight:bold;color:#000}.qmain{margin-left:250px;padding:1em 2em;max-width:1100px}.qdesc{font-size:1.15em;color:#555}.qmain>h1,.qdesc{font-family:system-ui,sans-serif}</style>')
 
 def build_site(dest=None) -> Path:
     "A static HTML site of the notebooks (index.html + one page per chapter) in `dest` (default `_site/` at the project root)."
@@ -76,24 +80,35 @@ def build_site(dest=None) -> Path:
     titles = {_page_name(nb): _title(node) for nb, node in pages}
     exp = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)
     for nb, node in pages:
+        front = _front(node)
         node.cells = [c for c in node.cells if c.cell_type != 'raw']
         body, _ = exp.from_notebook_node(node, resources={'metadata': {'name': titles[_page_name(nb)]}})
         here = _page_name(nb)
         nav = ''.join(f'<a href="{n}"' + (' class="here"' if n == here else '') + f'>{t}</a>' for n, t in titles.items())
         body = re.sub(r'href="(?:\./)?([\w-]+)\.ipynb', lambda m: f'href="{_page_name(m.group(1))}', body)
         body = body.replace('</head>', NAV_CSS + '</head>', 1)
-        body = re.sub(r'<body([^>]*)>', lambda m: f'<body{m.group(1)}><nav class="qnav"><b>{cfg.lib_name}</b>{nav}</nav><div class="qmain">', body, count=1)
+        body = re.sub(r'\{target="_blank" style="[^"]*"\}', '', body)  # Quarto link attributes from show_doc
+        head = f"<h1>{front['title']}</h1>" + (f"<p class='qdesc'>{front['description']}</p>" if front.get('description') else '')
+        body = re.sub(r'<body([^>]*)>', lambda m: f'<body{m.group(1)}><nav class="qnav">{nav}</nav><div class="qmain">{head}', body, count=1)
         (dest/_page_name(nb)).write_text(body.replace('</body>', '</div></body>'))
     return dest
 
-# %% ../nbs/10_docs.ipynb #24328599
+# %% ../nbs/10_docs.ipynb #ea4963c6
 def check_site(site, screenshots=None, browser:str|None=None) -> dict:
     "Load every page of `site` in headless Chromium; per page: images, broken images, links checked, errors."
-    from playwright.sync_api import sync_playwright
+    from concurrent.futures import ThreadPoolExecutor
     from qlora_nb.report import chromium
     site = Path(site).resolve(); exe = browser or chromium()
     if not exe: raise FileNotFoundError('no Chromium installed (Debian: apt install chromium)')
     if screenshots: Path(screenshots).mkdir(parents=True, exist_ok=True)
+    # Playwright's sync API refuses to run where an asyncio loop runs (Jupyter's kernel): give it a thread of its own
+    with ThreadPoolExecutor(1) as ex: report = ex.submit(_browse, site, screenshots, exe).result()
+    bad = {k: v for k, v in report.items() if not v['loaded'] or v['broken_images'] or v['broken_links'] or v['errors']}
+    if bad: raise AssertionError(f'site check failed: {bad}')
+    return report
+
+def _browse(site, screenshots, exe):
+    from playwright.sync_api import sync_playwright
     report = {}
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=['--no-sandbox'])
@@ -111,6 +126,4 @@ def check_site(site, screenshots=None, browser:str|None=None) -> dict:
                               'links_checked': len(local), 'broken_links': broken, 'errors': errors}
             page.remove_listener('pageerror', on_error)
         b.close()
-    bad = {k: v for k, v in report.items() if not v['loaded'] or v['broken_images'] or v['broken_links'] or v['errors']}
-    if bad: raise AssertionError(f'site check failed: {bad}')
     return report

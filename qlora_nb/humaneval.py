@@ -8,7 +8,7 @@ __all__ = ['RAW_STOPS', 'humaneval_prompt', 'extract_code', 'program_for', 'scor
            'compare_arms', 'flips', 'arm_specs', 'run_comparison', 'load_arms', 'comparison_summary',
            'hypothesis_verdict', 'plot_pass_at_k']
 
-# %% ../nbs/06_humaneval.ipynb #a65b7439
+# %% ../nbs/06_humaneval.ipynb #a42c4351
 import gzip, json, os, queue, re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, replace
@@ -23,7 +23,7 @@ from .data import build_prompt, humaneval_record, task_folds
 from .infer import GenerationSettings, generate
 from .sandbox import SANDBOX_UID, Limits, run_program
 
-# %% ../nbs/06_humaneval.ipynb #bc7f9a18
+# %% ../nbs/06_humaneval.ipynb #fbc4b2ad
 RAW_STOPS = ('\ndef ', '\nclass ', '\nif __name__', '\nprint(')
 
 def humaneval_prompt(problem:dict, tok, style:str='raw', variant:str='control') -> str:
@@ -33,7 +33,7 @@ def humaneval_prompt(problem:dict, tok, style:str='raw', variant:str='control') 
     if style == 'chat': return build_prompt(r, tok, 'chat')
     raise ValueError(f"prompt style must be 'raw' or 'chat', got {style!r}")
 
-# %% ../nbs/06_humaneval.ipynb #26bf53f6
+# %% ../nbs/06_humaneval.ipynb #c2d763f3
 def extract_code(reply:str) -> str:
     "The code of a chat reply: its first ``` block, or the reply itself."
     m = re.search(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", reply, re.S)
@@ -47,7 +47,7 @@ def program_for(problem:dict, completion:str, style:str='raw') -> str:
     else: body = problem['prompt'] + completion
     return body + '\n\n' + problem['test'] + f"\n\ncheck({problem['entry_point']})\n"
 
-# %% ../nbs/06_humaneval.ipynb #8feb4ac7
+# %% ../nbs/06_humaneval.ipynb #5a314eae
 def score(problems:dict, samples:list, style:str='raw', limits:Limits=Limits(),
           workers:int=1, # programs run side by side, each under its own sandbox uid
          ) -> list:
@@ -68,7 +68,7 @@ def pass_at_k(scored:list, ks=(1, 10)) -> dict:
     n, c = np.array([len(v) for v in by.values()]), np.array([sum(v) for v in by.values()])
     return {f'pass@{k}': float(estimate_pass_at_k(n, c, k).mean()) for k in ks if k <= n.min()}
 
-# %% ../nbs/06_humaneval.ipynb #11a64fdf
+# %% ../nbs/06_humaneval.ipynb #010830b5
 @dataclass
 class ArmSpec:
     model: str = 'default'
@@ -87,7 +87,7 @@ def fold_tasks(problems, fold, n_folds=2, seed=42):
     if fold is None: return sorted(problems)
     return [t for t in task_folds(list(read_problems()), n_folds, seed)[fold] if t in problems]
 
-# %% ../nbs/06_humaneval.ipynb #21bedda4
+# %% ../nbs/06_humaneval.ipynb #0780166a
 def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:Limits=Limits(), batch_size:int=16,
                  workers:int=os.cpu_count()) -> dict:
     "Generate, score and summarize one arm; write samples.jsonl and results.json to `out_dir`."
@@ -112,7 +112,7 @@ def read_samples(arm_dir) -> list:
     p = Path(arm_dir)/'samples.jsonl'
     with (open(p) if p.exists() else gzip.open(p.with_suffix('.jsonl.gz'), 'rt')) as f: return [json.loads(l) for l in f]
 
-# %% ../nbs/06_humaneval.ipynb #e6b502d3
+# %% ../nbs/06_humaneval.ipynb #5dedf93f
 def per_problem(scored:list, k:int) -> dict:
     "task_id -> pass@k estimate of that problem."
     by = {}
@@ -125,7 +125,7 @@ def bootstrap_ci(values, n_boot:int=10_000, seed:int=0, level:float=0.95):
     means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, 1 - (1 - level) / 2))
 
-# %% ../nbs/06_humaneval.ipynb #0dc66583
+# %% ../nbs/06_humaneval.ipynb #699a9464
 def mcnemar(a:dict, b:dict) -> dict:
     "Exact McNemar test of paired pass/fail outcomes (task_id -> 0/1) of arms a and b."
     from scipy.stats import binomtest
@@ -143,7 +143,7 @@ def paired_bootstrap(a:dict, b:dict, n_boot:int=10_000, seed:int=0) -> dict:
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
     return {'diff': float(d.mean()), 'ci': (float(np.quantile(means, .025)), float(np.quantile(means, .975))), 'p_value': float(min(p, 1.0))}
 
-# %% ../nbs/06_humaneval.ipynb #47efa55a
+# %% ../nbs/06_humaneval.ipynb #cd19cf38
 def arm_table(arms:dict, ks=(1, 10)) -> 'pd.DataFrame':
     "pass@k with bootstrap 95% intervals per arm (arms: name -> scored samples)."
     import pandas as pd
@@ -175,7 +175,7 @@ def flips(arms:dict, x:str, y:str) -> list:
     a, b = per_problem(arms[x], 1), per_problem(arms[y], 1)
     return [(t, x if a[t] > b[t] else y) for t in sorted(set(a) & set(b)) if (a[t] > 0.5) != (b[t] > 0.5)]
 
-# %% ../nbs/06_humaneval.ipynb #bf2c5039
+# %% ../nbs/06_humaneval.ipynb #3aa36c59
 def arm_specs(n:int=20, temperature:float=0.8, n_folds:int=2, max_new_tokens:int=384) -> dict:
     "Every arm of the comparison: name -> `ArmSpec` (model and adapter are filled in when it runs)."
     kinds = {'greedy': dict(n=1, temperature=0.0), f'n{n}': dict(n=n, temperature=temperature)}
@@ -186,7 +186,7 @@ def arm_specs(n:int=20, temperature:float=0.8, n_folds:int=2, max_new_tokens:int
                   for f in range(n_folds) for k, kw in kinds.items()}
     return specs
 
-# %% ../nbs/06_humaneval.ipynb #c6db0625
+# %% ../nbs/06_humaneval.ipynb #31630e92
 def run_comparison(out_dir, model:str='default', n:int=20, temperature:float=0.8, n_folds:int=2,
                    train_overrides=(), # extra `--set` style overrides for the adapters' training runs
                    problems=None, max_new_tokens:int=384, batch_size:int=64, workers:int=os.cpu_count(),
@@ -214,7 +214,7 @@ def run_comparison(out_dir, model:str='default', n:int=20, temperature:float=0.8
     (out/'comparison.json').write_text(json.dumps(summary, indent=2))
     return summary
 
-# %% ../nbs/06_humaneval.ipynb #d279bac4
+# %% ../nbs/06_humaneval.ipynb #06e48b9e
 def load_arms(out_dir, kind:str='greedy') -> dict:
     "The scored samples of each arm of a comparison under `out_dir` ('greedy' or e.g. 'n20'), folds joined."
     out = Path(out_dir)
@@ -224,7 +224,7 @@ def load_arms(out_dir, kind:str='greedy') -> dict:
 
 def _relative(a, b): return (b - a) / a if a else None
 
-# %% ../nbs/06_humaneval.ipynb #0dd06b53
+# %% ../nbs/06_humaneval.ipynb #b387dd1a
 def comparison_summary(out_dir, n:int=20) -> dict:
     "pass@k per arm with intervals, paired tests, flips and the seed's hypothesis, from a comparison's files."
     g, smp = load_arms(out_dir, 'greedy'), load_arms(out_dir, f'n{n}')
@@ -241,20 +241,21 @@ def comparison_summary(out_dir, n:int=20) -> dict:
                              'mcnemar_p': mcnemar(per_problem(g3['control'], 1), per_problem(g3['experiment'], 1))['p_value'], 'seed_claim': [0.33, 0.50]}
     return res
 
-# %% ../nbs/06_humaneval.ipynb #ceeec16a
+# %% ../nbs/06_humaneval.ipynb #f119cf92
 def hypothesis_verdict(summary:dict, alpha:float=0.05) -> str:
     "The seed's hypothesis (+33–50% pass@1 from metadata) against what a comparison measured, in one paragraph."
     h = summary.get('hypothesis')
     if not h: return 'No control and experiment arms in this comparison: the hypothesis was not tested.'
     rel = 'undefined (control solved nothing)' if h['relative_change'] is None else f"{h['relative_change']:+.0%}"
-    sig = 'significant' if h['mcnemar_p'] < alpha else 'not significant'
+    significant = h['mcnemar_p'] < alpha
+    sig = 'significant' if significant else 'not significant'
     inside = h['relative_change'] is not None and 0.33 <= h['relative_change'] <= 0.50
     return (f"Seed hypothesis: metadata raises pass@1 by 33–50%. Measured: control {h['control_pass@1']:.3f}, experiment "
             f"{h['experiment_pass@1']:.3f}, relative change {rel}; McNemar p = {h['mcnemar_p']:.3g} ({sig} at {alpha}). "
             + ('The change is in the claimed range' if inside else 'The change is outside the claimed range')
-            + (' and distinguishable from chance.' if sig else ', and this run cannot tell it from chance: it neither supports nor refutes the claim.'))
+            + (' and distinguishable from chance.' if significant else ', and this run cannot tell it from chance: it neither supports nor refutes the claim.'))
 
-# %% ../nbs/06_humaneval.ipynb #20edeaac
+# %% ../nbs/06_humaneval.ipynb #5e7e6388
 def plot_pass_at_k(out_dir, n:int=20, ax=None):
     "pass@k for k = 1..n per arm, from the sampled arms (unbiased estimator), with greedy pass@1 as dots."
     import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ __all__ = ['ADAPTER_FILES', 'PLAIN_LOAD', 'CHECK_PROMPTS', 'STACK', 'export_adap
            'check_base', 'merge_adapter', 'merge_check', 'pinned_requirements', 'sha256', 'run_metadata', 'model_card',
            'build_archive', 'UnsafeArchive', 'extract', 'verify_archive', 'hub_ready', 'push_to_hub']
 
-# %% ../nbs/07_packaging.ipynb #3437adb3
+# %% ../nbs/07_packaging.ipynb #ddfe2287
 import hashlib, importlib.metadata as md, json, os, shutil, socket, tarfile, tempfile, warnings
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .weights import resolve_model
 
-# %% ../nbs/07_packaging.ipynb #204d73a8
+# %% ../nbs/07_packaging.ipynb #0f5e7a4b
 ADAPTER_FILES = ('adapter_config.json', 'adapter_model.safetensors')
 
 def export_adapter(run_dir, dest) -> Path:
@@ -28,7 +28,7 @@ def export_adapter(run_dir, dest) -> Path:
     shutil.copytree(src, dest, dirs_exist_ok=True)
     return dest
 
-# %% ../nbs/07_packaging.ipynb #97cb3ac0
+# %% ../nbs/07_packaging.ipynb #fe6291ba
 PLAIN_LOAD = '''
 import sys, torch
 from peft import PeftModel
@@ -48,10 +48,10 @@ def load_without_qlora_nb(base, adapter) -> str:
     if r.returncode: raise RuntimeError(f"plain peft could not load {adapter}:\n{r.stderr[-2000:]}")
     return r.stdout.strip()
 
-# %% ../nbs/07_packaging.ipynb #87dcd7bb
+# %% ../nbs/07_packaging.ipynb #547e346c
 import subprocess, sys
 
-# %% ../nbs/07_packaging.ipynb #7ab03397
+# %% ../nbs/07_packaging.ipynb #5c9a776c
 def base_fingerprint(base) -> str:
     "sha256 of the base model's config.json (architecture, sizes, vocabulary): different bases differ here."
     return hashlib.sha256((Path(resolve_model(str(base)))/'config.json').read_bytes()).hexdigest()[:16]
@@ -67,7 +67,7 @@ def check_base(adapter, base):
     if fp and fp != base_fingerprint(path): warnings.warn(f"{adapter} was trained on a base with config hash {fp}; {base} has {base_fingerprint(path)}")
     elif name and Path(name).name != path.name: warnings.warn(f"{adapter} was trained on {name!r}, merging into {str(path)!r}")
 
-# %% ../nbs/07_packaging.ipynb #ceb50a0a
+# %% ../nbs/07_packaging.ipynb #7e9f7bf2
 def merge_adapter(adapter, base, dest, dtype=torch.bfloat16) -> Path:
     "Merge `adapter` into the 16-bit `base` and save the standalone model (with tokenizer) to `dest`."
     from peft import PeftModel
@@ -78,7 +78,7 @@ def merge_adapter(adapter, base, dest, dtype=torch.bfloat16) -> Path:
     merged.save_pretrained(dest); AutoTokenizer.from_pretrained(adapter).save_pretrained(dest)
     return Path(dest)
 
-# %% ../nbs/07_packaging.ipynb #3f28f70b
+# %% ../nbs/07_packaging.ipynb #82b4172c
 CHECK_PROMPTS = ['def add(a, b):', 'The capital of France is', 'Write a haiku about the sea.']
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def merge_check(adapter, base, merged, prompts=CHECK_PROMPTS, dtype=torch.float3
     d = torch.cat(diffs)
     return {'max_abs_logit_diff': d.max().item(), 'mean_abs_logit_diff': d.mean().item(), 'greedy_identical': all(same), 'dtype': str(dtype), 'prompts': len(prompts)}
 
-# %% ../nbs/07_packaging.ipynb #8f93028b
+# %% ../nbs/07_packaging.ipynb #64f22aab
 STACK = ('torch', 'transformers', 'peft', 'bitsandbytes', 'trl', 'accelerate', 'datasets', 'safetensors', 'tokenizers')
 
 def pinned_requirements() -> str:
@@ -116,7 +116,7 @@ def sha256(path) -> str:
 
 def _read_json(p): return json.loads(Path(p).read_text()) if Path(p).exists() else None
 
-# %% ../nbs/07_packaging.ipynb #e0450b04
+# %% ../nbs/07_packaging.ipynb #1ee1defc
 def run_metadata(run_dir) -> dict:
     "What a run was and what it measured, from its own files."
     run_dir = Path(run_dir); cfg = yaml.safe_load((run_dir/'config.yaml').read_text())
@@ -131,7 +131,7 @@ def run_metadata(run_dir) -> dict:
             'humaneval': _read_json(he/'comparison.json') or _read_json(he/'results.json'),
             'environment': summary.get('environment')}
 
-# %% ../nbs/07_packaging.ipynb #60d82b44
+# %% ../nbs/07_packaging.ipynb #6fc6b8c7
 def model_card(meta:dict, name:str, version:str) -> str:
     "A README.md model card: what this is, how to load it, and its numbers."
     m, ev = meta['final_metrics'], meta.get('evaluation') or {}
@@ -150,7 +150,7 @@ def model_card(meta:dict, name:str, version:str) -> str:
     lines += ['', '## Limitations', '', 'Numbers come from the run named here, on its data and hardware (see metadata.json); they are not general claims about the model.']
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/07_packaging.ipynb #bd008a5d
+# %% ../nbs/07_packaging.ipynb #3c985823
 def build_archive(run_dir, out_dir=None, name:str|None=None, version:str='0.1.0', merged:bool=False) -> Path:
     "`<name>-<version>.tar.gz` of a run: adapter (+ merged model), metadata.json with checksums, README.md, requirements.txt."
     run_dir = Path(run_dir); name = name or run_dir.name
@@ -171,7 +171,7 @@ def build_archive(run_dir, out_dir=None, name:str|None=None, version:str='0.1.0'
         with tarfile.open(dest, 'w:gz') as tar: tar.add(stage, arcname=stage.name)
     return dest
 
-# %% ../nbs/07_packaging.ipynb #7a603321
+# %% ../nbs/07_packaging.ipynb #408b300b
 class UnsafeArchive(ValueError):
     "An archive member that would be written outside the extraction folder."
 
@@ -187,7 +187,7 @@ def extract(archive, dest) -> Path:
         tar.extractall(dest, filter='data')
     return dest
 
-# %% ../nbs/07_packaging.ipynb #7c6acdb9
+# %% ../nbs/07_packaging.ipynb #79d19163
 def verify_archive(archive, base=None) -> dict:
     "Check every checksum of `archive` and load what it holds; a report (raises on a mismatch)."
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +203,7 @@ def verify_archive(archive, base=None) -> dict:
             report['merged'] = f"loaded {type(m).__name__}, {sum(p.numel() for p in m.parameters())/1e6:.1f}M parameters"
     return report
 
-# %% ../nbs/07_packaging.ipynb #1a89d50e
+# %% ../nbs/07_packaging.ipynb #155c3df2
 def hub_ready(timeout:float=3.0) -> str|None:
     "None when a Hub token is set and huggingface.co answers; otherwise why not."
     from huggingface_hub import get_token

@@ -7,13 +7,13 @@ __all__ = ['SECTIONS', 'CSS', 'load_artifacts', 'dataset_section', 'implementati
            'evaluation_section', 'humaneval_section', 'hardware_section', 'discussion_section', 'report_markdown',
            'write_report', 'chromium', 'report_pdf', 'benchmark_table', 'plot_benchmark']
 
-# %% ../nbs/08_report.ipynb #93fc17c7
+# %% ../nbs/08_report.ipynb #2d9986eb
 import base64, html, io, json
 from pathlib import Path
 
 import yaml
 
-# %% ../nbs/08_report.ipynb #53c94dc4
+# %% ../nbs/08_report.ipynb #eb398729
 def _json(p): return json.loads(Path(p).read_text()) if p and Path(p).exists() else None
 
 def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
@@ -26,7 +26,7 @@ def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
             'samples': _json(run_dir/'eval'/'samples.json'), 'judge': _json(run_dir/'eval'/'judge.json'),
             'humaneval': _json(he/'comparison.json'), 'humaneval_dir': he, 'bench': _json(bench), 'extra': extra or {}}
 
-# %% ../nbs/08_report.ipynb #2b406944
+# %% ../nbs/08_report.ipynb #d697998c
 def _table(rows:dict, cols) -> str:
     "A Markdown table of {row name: {column: value}}."
     fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
@@ -34,14 +34,16 @@ def _table(rows:dict, cols) -> str:
                      [f"| {k} | {' | '.join(fmt(r.get(c)) for c in cols)} |" for k, r in rows.items()]) + '\n'
 
 def dataset_section(a) -> str:
+    "Sources, split, template and a formatted example."
     d, s = a['config']['data'], a['summary']
     src = f"HumanEval, **{d['variant']}** variant, fold {d['fold']} of {d['n_folds']} held out" if d['source'] == 'humaneval' else f"`{d['source']}`"
     ex = a['samples'][0] if a.get('samples') else None
     return (f"## Dataset\n\nSource: {src} (task-level split, seed {d['seed']}). Template: `{d['template']}`; max sequence length {d['max_seq_length']}; "
             f"loss on the response tokens only. Training examples: **{s['train_examples']}**.\n\n"
-            + (f"A formatted test example (instruction, then reference answer):\n\n```\n{ex['instruction'][:600]}\n```\n\n```\n{ex['reference'][:600]}\n```\n" if ex else ''))
+            + (f"A formatted test example (instruction, then reference answer):\n\n~~~~~~\n{ex['instruction'][:600]}\n~~~~~~\n\n~~~~~~\n{ex['reference'][:600]}\n~~~~~~\n" if ex else ''))
 
 def implementation_section(a) -> str:
+    "Model, quantization, LoRA, optimisation and library versions."
     c, env = a['config'], (a['summary'].get('environment') or {})
     q, l, t = c['quant'], c['lora'], c['train']
     rows = {'base model': {'value': f"{c['model']['name']} ({Path(a['summary'].get('base_model_path') or '').name})"},
@@ -51,8 +53,9 @@ def implementation_section(a) -> str:
             'libraries': {'value': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}}
     return '## Implementation\n\n' + _table(rows, ['value'])
 
-# %% ../nbs/08_report.ipynb #b9d5d9c6
+# %% ../nbs/08_report.ipynb #b303a48d
 def training_section(a) -> str:
+    "Steps, losses, time, throughput and peak memory, with the curves."
     s, h = a['summary'], a['history']
     tps = [x['tokens_per_s'] for x in h if 'tokens_per_s' in x]
     peak = s.get('peak_memory') or {}
@@ -64,6 +67,7 @@ def training_section(a) -> str:
     return '## Training\n\n' + _table(rows, ['value']) + '\n![Training curves](training_curves.png)\n'
 
 def evaluation_section(a) -> str:
+    "Perplexity base vs fine-tuned, ROUGE-L, judged win rate."
     m, j = a['metrics'], a['judge']
     if not m: return '## Evaluation\n\nThis run has no `eval/metrics.json`: run `evaluate_run` on it.\n'
     out = '## Evaluation\n\nLoss and perplexity over the response tokens of the held-out test split:\n\n' + _table(m['perplexity'], ['loss', 'perplexity', 'tokens'])
@@ -74,8 +78,9 @@ def evaluation_section(a) -> str:
                 f"{j['judged']} judged, **{j['counts']['unparsed']} unparsed** (left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
     return out
 
-# %% ../nbs/08_report.ipynb #4bb1237b
+# %% ../nbs/08_report.ipynb #1440dfb1
 def humaneval_section(a) -> str:
+    "pass@k per arm with intervals, paired tests, the verdict on the seed hypothesis."
     h = a['humaneval']
     if not h: return '## HumanEval\n\nNo HumanEval comparison for this run.\n'
     from qlora_nb.humaneval import hypothesis_verdict
@@ -87,6 +92,7 @@ def humaneval_section(a) -> str:
     return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h) + '\n'
 
 def hardware_section(a) -> str:
+    "Machine, versions, wall times and the benchmark ratios."
     env = a['summary'].get('environment') or {}
     rows = {'GPU': {'value': env.get('gpu') or 'none (CPU)'}, 'GPU memory (GB)': {'value': env.get('gpu_memory_gb')},
             'CPU cores': {'value': env.get('cpu_count')}, 'Python': {'value': env.get('python')}, 'platform': {'value': env.get('platform')},
@@ -98,8 +104,9 @@ def hardware_section(a) -> str:
         out += '\nTraining speed against the seeds\' recipe (`benchmarks/bench.py`, same GPU, same run; ratios qlora_nb / baseline):\n\n' + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU'])
     return out
 
-# %% ../nbs/08_report.ipynb #3b9691fc
+# %% ../nbs/08_report.ipynb #f27e3623
 def discussion_section(a) -> str:
+    "What the numbers mean and what they cannot show, chosen by the numbers."
     s, m, h = a['summary'], a['metrics'], a['humaneval']
     pts = []
     if m:
@@ -117,7 +124,7 @@ def discussion_section(a) -> str:
 
 SECTIONS = (dataset_section, implementation_section, training_section, evaluation_section, humaneval_section, hardware_section, discussion_section)
 
-# %% ../nbs/08_report.ipynb #cc95aad8
+# %% ../nbs/08_report.ipynb #468b6db4
 def _png_data(fig_or_path) -> str:
     if isinstance(fig_or_path, (str, Path)): raw = Path(fig_or_path).read_bytes()
     else:
@@ -145,7 +152,7 @@ def write_report(a, dest, title:str|None=None) -> Path:
     dest.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or "report")}</title><style>{CSS}</style></head><body>{body}</body></html>')
     return dest
 
-# %% ../nbs/08_report.ipynb #75b5598c
+# %% ../nbs/08_report.ipynb #391824bf
 def chromium() -> str|None:
     "The path of a Chromium/Chrome binary, if one is installed."
     import shutil
@@ -161,7 +168,7 @@ def report_pdf(html_path, dest=None) -> Path|None:
                     Path(html_path).resolve().as_uri()], check=True, capture_output=True, timeout=120)
     return dest
 
-# %% ../nbs/08_report.ipynb #49ab7553
+# %% ../nbs/08_report.ipynb #cadc37ae
 def benchmark_table(bench:dict) -> 'pd.DataFrame':
     "One row per case and recipe: tokens/s, peak memory, MFU, epoch time and eval loss where measured."
     import pandas as pd
