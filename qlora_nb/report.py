@@ -7,13 +7,13 @@ __all__ = ['SECTIONS', 'CSS', 'load_artifacts', 'dataset_section', 'implementati
            'evaluation_section', 'humaneval_section', 'hardware_section', 'discussion_section', 'report_markdown',
            'write_report', 'chromium', 'report_pdf', 'benchmark_table', 'plot_benchmark']
 
-# %% ../nbs/08_report.ipynb #2d9986eb
+# %% ../nbs/08_report.ipynb #b4ce315d
 import base64, html, io, json
 from pathlib import Path
 
 import yaml
 
-# %% ../nbs/08_report.ipynb #eb398729
+# %% ../nbs/08_report.ipynb #7049b0ba
 def _json(p): return json.loads(Path(p).read_text()) if p and Path(p).exists() else None
 
 def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
@@ -26,7 +26,7 @@ def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
             'samples': _json(run_dir/'eval'/'samples.json'), 'judge': _json(run_dir/'eval'/'judge.json'),
             'humaneval': _json(he/'comparison.json'), 'humaneval_dir': he, 'bench': _json(bench), 'extra': extra or {}}
 
-# %% ../nbs/08_report.ipynb #d697998c
+# %% ../nbs/08_report.ipynb #af4fefae
 def _table(rows:dict, cols) -> str:
     "A Markdown table of {row name: {column: value}}."
     fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
@@ -53,7 +53,7 @@ def implementation_section(a) -> str:
             'libraries': {'value': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}}
     return '## Implementation\n\n' + _table(rows, ['value'])
 
-# %% ../nbs/08_report.ipynb #b303a48d
+# %% ../nbs/08_report.ipynb #2eb6f094
 def training_section(a) -> str:
     "Steps, losses, time, throughput and peak memory, with the curves."
     s, h = a['summary'], a['history']
@@ -78,7 +78,7 @@ def evaluation_section(a) -> str:
                 f"{j['judged']} judged, **{j['counts']['unparsed']} unparsed** (left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
     return out
 
-# %% ../nbs/08_report.ipynb #1440dfb1
+# %% ../nbs/08_report.ipynb #9e30a2ba
 def humaneval_section(a) -> str:
     "pass@k per arm with intervals, paired tests, the verdict on the seed hypothesis."
     h = a['humaneval']
@@ -104,7 +104,7 @@ def hardware_section(a) -> str:
         out += '\nTraining speed against the seeds\' recipe (`benchmarks/bench.py`, same GPU, same run; ratios qlora_nb / baseline):\n\n' + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU'])
     return out
 
-# %% ../nbs/08_report.ipynb #f27e3623
+# %% ../nbs/08_report.ipynb #6dd5c413
 def discussion_section(a) -> str:
     "What the numbers mean and what they cannot show, chosen by the numbers."
     s, m, h = a['summary'], a['metrics'], a['humaneval']
@@ -124,7 +124,7 @@ def discussion_section(a) -> str:
 
 SECTIONS = (dataset_section, implementation_section, training_section, evaluation_section, humaneval_section, hardware_section, discussion_section)
 
-# %% ../nbs/08_report.ipynb #468b6db4
+# %% ../nbs/08_report.ipynb #5d649612
 def _png_data(fig_or_path) -> str:
     if isinstance(fig_or_path, (str, Path)): raw = Path(fig_or_path).read_bytes()
     else:
@@ -152,7 +152,7 @@ def write_report(a, dest, title:str|None=None) -> Path:
     dest.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or "report")}</title><style>{CSS}</style></head><body>{body}</body></html>')
     return dest
 
-# %% ../nbs/08_report.ipynb #391824bf
+# %% ../nbs/08_report.ipynb #3689d0a3
 def chromium() -> str|None:
     "The path of a Chromium/Chrome binary, if one is installed."
     import shutil
@@ -168,7 +168,7 @@ def report_pdf(html_path, dest=None) -> Path|None:
                     Path(html_path).resolve().as_uri()], check=True, capture_output=True, timeout=120)
     return dest
 
-# %% ../nbs/08_report.ipynb #cadc37ae
+# %% ../nbs/08_report.ipynb #023e9ff3
 def benchmark_table(bench:dict) -> 'pd.DataFrame':
     "One row per case and recipe: tokens/s, peak memory, MFU, epoch time and eval loss where measured."
     import pandas as pd
