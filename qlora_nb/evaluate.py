@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MT_QUESTIONS', 'JUDGE_PROMPT', 'response_perplexity', 'rouge_l', 'side_by_side', 'summarize', 'comparison_html',
-           'alpaca_eval_format', 'evaluate_run', 'multi_turn_answers', 'judge_prompt', 'parse_verdict', 'local_judge',
-           'endpoint_judge', 'pairwise_judge', 'judge_run']
+           'alpaca_eval_format', 'run_models', 'evaluate_run', 'multi_turn_answers', 'judge_prompt', 'parse_verdict',
+           'local_judge', 'endpoint_judge', 'pairwise_judge', 'judge_run']
 
 # %% ../nbs/05_evaluation.ipynb #8434d064
 import json, math, re
@@ -70,15 +70,20 @@ def alpaca_eval_format(rows:list, name:str, generator:str) -> list:
     "The outputs of model `name` in AlpacaEval's format (instruction, output, generator)."
     return [{'instruction': r['instruction'], 'output': r[f'{name} output'], 'generator': generator} for r in rows]
 
-# %% ../nbs/05_evaluation.ipynb #9836ccd2
+# %% ../nbs/05_evaluation.ipynb #6857d4c7
+def run_models(run_dir):
+    "(config, base model, base + the run's final adapter, tokenizer) of a finished run, loaded for generation."
+    from qlora_nb.core import load_config
+    from qlora_nb.infer import load_generator
+    cfg = load_config(Path(run_dir)/'config.yaml')
+    base, tok = load_generator(cfg.model.name)
+    tuned, _ = load_generator(cfg.model.name, str(Path(run_dir)/'final_adapter'))  # a second copy: peft wraps it in place
+    return cfg, base, tuned, tok
+
 def evaluate_run(run_dir, n_samples:int=8, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
     "Perplexity (base vs fine-tuned) on the test split and a side-by-side of `n_samples` test examples of a finished run."
-    from qlora_nb.core import load_config
     from qlora_nb.data import prepare_data
-    from qlora_nb.infer import load_generator
-    run_dir = Path(run_dir); cfg = load_config(run_dir/'config.yaml')
-    base, tok = load_generator(cfg.model.name)
-    tuned, _ = load_generator(cfg.model.name, str(run_dir/'final_adapter'))
+    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
     data = prepare_data(cfg, tok)
     test = data.splits['test']
     ppl = {'base': response_perplexity(base, tok, test), 'fine-tuned': response_perplexity(tuned, tok, test)}
@@ -183,14 +188,10 @@ def pairwise_judge(base:list, tuned:list, judge) -> dict:
     rates = {k: {'rate': counts[k] / n, 'ci95': list(binomtest(counts[k], n).proportion_ci(method='wilson'))} for k in ('win', 'tie', 'loss')} if n else {}
     return {'counts': counts, 'judged': n, 'rates': rates, 'questions': rows}
 
-# %% ../nbs/05_evaluation.ipynb #95759b85
+# %% ../nbs/05_evaluation.ipynb #7b591ca9
 def judge_run(run_dir, judge=None, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
     "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to eval/judge.json."
-    from qlora_nb.core import load_config
-    from qlora_nb.infer import load_generator
-    run_dir = Path(run_dir); cfg = load_config(run_dir/'config.yaml')
-    base, tok = load_generator(cfg.model.name)
-    tuned, _ = load_generator(cfg.model.name, str(run_dir/'final_adapter'))
+    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
     answers = {'base': multi_turn_answers(base, tok, questions, s), 'fine-tuned': multi_turn_answers(tuned, tok, questions, s)}
     name = 'local:' + cfg.model.name if judge is None else getattr(judge, '__name__', 'custom')
     res = pairwise_judge(answers['base'], answers['fine-tuned'], judge or local_judge(base, tok)) | {'judge': name, 'answers': answers}

@@ -7,8 +7,8 @@ __all__ = ['ADAPTER_FILES', 'PLAIN_LOAD', 'CHECK_PROMPTS', 'STACK', 'export_adap
            'check_base', 'merge_adapter', 'merge_check', 'pinned_requirements', 'sha256', 'run_metadata', 'model_card',
            'build_archive', 'UnsafeArchive', 'extract', 'verify_archive', 'hub_ready', 'push_to_hub']
 
-# %% ../nbs/07_packaging.ipynb #ddfe2287
-import hashlib, importlib.metadata as md, json, os, shutil, socket, tarfile, tempfile, warnings
+# %% ../nbs/07_packaging.ipynb #9043ed61
+import hashlib, importlib.metadata as md, json, os, shutil, socket, subprocess, sys, tarfile, tempfile, warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +47,6 @@ def load_without_qlora_nb(base, adapter) -> str:
     r = subprocess.run([sys.executable, '-c', PLAIN_LOAD, str(base), str(adapter)], capture_output=True, text=True, cwd=tempfile.gettempdir())
     if r.returncode: raise RuntimeError(f"plain peft could not load {adapter}:\n{r.stderr[-2000:]}")
     return r.stdout.strip()
-
-# %% ../nbs/07_packaging.ipynb #547e346c
-import subprocess, sys
 
 # %% ../nbs/07_packaging.ipynb #5c9a776c
 def base_fingerprint(base) -> str:
