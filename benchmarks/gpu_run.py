@@ -4,6 +4,7 @@
     python benchmarks/gpu_run.py main      # train the default model with the default config; evaluate; judge
     python benchmarks/gpu_run.py compare   # the HumanEval comparison (base / control / experiment, 2 folds)
     python benchmarks/gpu_run.py bench     # benchmarks/bench.py
+    python benchmarks/gpu_run.py repro     # the base model's greedy arms again, into humaneval-repro/ (run-to-run check)
 
 Everything goes under --work (default outputs/gpu); each phase skips what is already finished, then packs its
 results (no checkpoints, no model weights but the final adapter) into --pack as gzipped tar parts of at most 15 MB.
@@ -38,6 +39,17 @@ def phase_compare(work, n, batch_size, sample_adapters=True):
     return {'compare_s': time.time() - t}
 
 
+def phase_repro(work):
+    "Greedy base arms again, with the batch size of the first run, to check they are identical run to run."
+    from qlora_nb.humaneval import arm_specs, evaluate_arm
+    from qlora_nb.infer import load_generator
+    t, m = time.time(), load_generator('default')
+    for name in ('base-chat-greedy', 'base-raw-greedy'):
+        if not (work/'humaneval-repro'/name/'results.json').exists():
+            evaluate_arm(arm_specs()[name], *m, work/'humaneval-repro'/name, batch_size=160, workers=os.cpu_count())
+    return {'repro_s': time.time() - t}
+
+
 def phase_bench(work):
     sys.path.insert(0, str(ROOT/'benchmarks'))
     import bench
@@ -65,7 +77,7 @@ def pack(work:Path, dest:Path, limit=15_000_000):
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('phases', nargs='+', choices=['main', 'compare', 'bench'])
+    ap.add_argument('phases', nargs='+', choices=['main', 'compare', 'bench', 'repro'])
     ap.add_argument('--work', default='outputs/gpu'); ap.add_argument('--pack')
     ap.add_argument('--greedy-adapters', action='store_true', help='adapters: greedy arms only (when GPU time is short)')
     ap.add_argument('--n', type=int, default=20); ap.add_argument('--batch-size', type=int, default=160)
@@ -75,7 +87,7 @@ if __name__ == '__main__':
     try:
         for ph in a.phases:
             times |= {'main': lambda: phase_main(work), 'compare': lambda: phase_compare(work, a.n, a.batch_size, not a.greedy_adapters),
-                      'bench': lambda: phase_bench(work)}[ph]()
+                      'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work)}[ph]()
             (work/'wall_times.json').write_text(json.dumps(times, indent=2))
     finally:
         if a.pack: pack(work, Path(a.pack))

@@ -2,7 +2,9 @@
 # How the committed GPU results were made on a lent machine (see ../shared/GPU.md of the project's workspace):
 # wheels of the packages that machine lacks are carried in .whl/, the default model's GGUF in parts (.m1 .m2 .m3),
 # because one call may carry at most 64 MiB. Each call runs one or more phases of gpu_run.py in under 10 minutes.
-#   bash benchmarks/gpu_session.sh setup      # first call: wheels + the first part of the model
+#   bash benchmarks/gpu_session.sh slim       # here, once: drop bitsandbytes' libraries for other CUDA/ROCm versions
+#                                             # from its wheel (43 -> 7 MB), so wheels and two model parts fit one call
+#   bash benchmarks/gpu_session.sh setup      # first call: wheels + the first parts of the model
 #   bash benchmarks/gpu_session.sh part       # copy the part carried in this call
 #   bash benchmarks/gpu_session.sh PHASE...   # main / compare / bench, results packed into $OUT
 set -euo pipefail
@@ -10,6 +12,10 @@ export PYTHONPATH=/tmp/site:$PWD QLORA_NB_GGUF=/tmp/model/SmolLM2-135M-Instruct.
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/model
 case "$1" in
+  slim)  w=$(ls .whl/bitsandbytes-*.whl); d=$(mktemp -d); (cd "$d" && unzip -q "$OLDPWD/$w" \
+           && rm -f bitsandbytes/libbitsandbytes_{cuda11,cuda12,rocm,xpu}*.so \
+           && sed -i -E '/libbitsandbytes_(cuda1[12]|rocm|xpu)/d' ./*.dist-info/RECORD && rm "$OLDPWD/$w" && zip -q -r "$OLDPWD/$w" .)
+         rm -rf "$d"; ls -la "$w" ;;
   setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
          cp .m*/part.* /tmp/model/; ls -la /tmp/model; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model

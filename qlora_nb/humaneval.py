@@ -87,7 +87,7 @@ def fold_tasks(problems, fold, n_folds=2, seed=42):
     if fold is None: return sorted(problems)
     return [t for t in task_folds(list(read_problems()), n_folds, seed)[fold] if t in problems]
 
-# %% ../nbs/06_humaneval.ipynb #0780166a
+# %% ../nbs/06_humaneval.ipynb #42bc082a
 def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:Limits=Limits(), batch_size:int=16,
                  workers:int=os.cpu_count()) -> dict:
     "Generate, score and summarize one arm; write samples.jsonl and results.json to `out_dir`."
@@ -99,7 +99,7 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
     comps = generate(model, tok, prompts, s, batch_size)  # one seeded pass: the n samples of a problem share batches
     samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]} for j, t in enumerate(tasks) for i in range(spec.n)]
     scored = score(problems, samples, spec.style, limits, workers)
-    res = {'spec': asdict(spec), 'n_problems': len(tasks), **pass_at_k(scored),
+    res = {'spec': asdict(spec), 'batch_size': batch_size, 'n_problems': len(tasks), **pass_at_k(scored),
            'status_counts': {k: sum(x['status'] == k for x in scored) for k in ('passed', 'failed', 'timed out', 'error')}}
     if out_dir:
         out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
