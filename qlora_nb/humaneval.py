@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RAW_STOPS', 'humaneval_prompt', 'extract_code', 'program_for', 'score', 'pass_at_k', 'ArmSpec', 'fold_tasks',
            'evaluate_arm', 'read_samples', 'per_problem', 'bootstrap_ci', 'mcnemar', 'paired_bootstrap', 'arm_table',
-           'compare_arms', 'flips', 'arm_specs', 'run_comparison', 'load_arms', 'comparison_summary',
+           'holm', 'compare_arms', 'flips', 'arm_specs', 'run_comparison', 'load_arms', 'comparison_summary',
            'hypothesis_verdict', 'plot_pass_at_k']
 
 # %% ../nbs/06_humaneval.ipynb #a42c4351
@@ -87,7 +87,7 @@ def fold_tasks(problems, fold, n_folds=2, seed=42):
     if fold is None: return sorted(problems)
     return [t for t in task_folds(list(read_problems()), n_folds, seed)[fold] if t in problems]
 
-# %% ../nbs/06_humaneval.ipynb #42bc082a
+# %% ../nbs/06_humaneval.ipynb #23aa0d60
 def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:Limits=Limits(), batch_size:int=16,
                  workers:int=os.cpu_count()) -> dict:
     "Generate, score and summarize one arm; write samples.jsonl and results.json to `out_dir`."
@@ -99,7 +99,7 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
     comps = generate(model, tok, prompts, s, batch_size)  # one seeded pass: the n samples of a problem share batches
     samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]} for j, t in enumerate(tasks) for i in range(spec.n)]
     scored = score(problems, samples, spec.style, limits, workers)
-    res = {'spec': asdict(spec), 'batch_size': batch_size, 'n_problems': len(tasks), **pass_at_k(scored),
+    res = {'spec': asdict(spec), 'batch_size': batch_size, 'attention': getattr(model.config, '_attn_implementation', None), 'n_problems': len(tasks), **pass_at_k(scored),
            'status_counts': {k: sum(x['status'] == k for x in scored) for k in ('passed', 'failed', 'timed out', 'error')}}
     if out_dir:
         out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def paired_bootstrap(a:dict, b:dict, n_boot:int=10_000, seed:int=0) -> dict:
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
     return {'diff': float(d.mean()), 'ci': (float(np.quantile(means, .025)), float(np.quantile(means, .975))), 'p_value': float(min(p, 1.0))}
 
-# %% ../nbs/06_humaneval.ipynb #cd19cf38
+# %% ../nbs/06_humaneval.ipynb #199c133b
 def arm_table(arms:dict, ks=(1, 10)) -> 'pd.DataFrame':
     "pass@k with bootstrap 95% intervals per arm (arms: name -> scored samples)."
     import pandas as pd
@@ -159,16 +159,26 @@ def arm_table(arms:dict, ks=(1, 10)) -> 'pd.DataFrame':
         rows[name] = row
     return pd.DataFrame(rows).T
 
+def holm(pvalues:list) -> list:
+    "Holm–Bonferroni adjusted p-values, in the order given (a family of tests, e.g. every pair of arms)."
+    order, adj, running = np.argsort(pvalues), [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i])); adj[i] = running
+    return adj
+
 def compare_arms(arms:dict, k:int=1) -> 'pd.DataFrame':
-    "Paired tests between every pair of arms: McNemar for greedy pass@1, paired bootstrap for pass@k."
+    "Paired tests between every pair of arms (McNemar for greedy pass@1, paired bootstrap for pass@k), Holm-adjusted over the pairs."
     import pandas as pd, itertools
     rows = {}
     for x, y in itertools.combinations(arms, 2):
         a, b = per_problem(arms[x], k), per_problem(arms[y], k)
-        row = {'diff (second − first)': paired_bootstrap(a, b)['diff'], 'bootstrap p': paired_bootstrap(a, b)['p_value']}
-        if k == 1: row |= {f'solved only by {x}': mcnemar(a, b)['only_a'], f'only by {y}': mcnemar(a, b)['only_b'], 'McNemar p': mcnemar(a, b)['p_value']}
+        bs = paired_bootstrap(a, b)
+        row = {'first': x, 'second': y, 'diff (second − first)': bs['diff'], 'diff 95% CI': f"[{bs['ci'][0]:+.3f}, {bs['ci'][1]:+.3f}]", 'bootstrap p': bs['p_value']}
+        if k == 1: mc = mcnemar(a, b); row |= {'solved only by first': mc['only_a'], 'solved only by second': mc['only_b'], 'McNemar p': mc['p_value']}
         rows[f'{x} vs {y}'] = row
-    return pd.DataFrame(rows).T
+    df = pd.DataFrame(rows).T
+    if len(df): df['Holm p'] = holm(list(df['McNemar p' if k == 1 else 'bootstrap p'].astype(float)))
+    return df
 
 def flips(arms:dict, x:str, y:str) -> list:
     "Problems solved (greedy) by exactly one of arms x and y: (task_id, solved by)."
@@ -224,7 +234,7 @@ def load_arms(out_dir, kind:str='greedy') -> dict:
 
 def _relative(a, b): return (b - a) / a if a else None
 
-# %% ../nbs/06_humaneval.ipynb #b387dd1a
+# %% ../nbs/06_humaneval.ipynb #a8fb2f26
 def comparison_summary(out_dir, n:int=20) -> dict:
     "pass@k per arm with intervals, paired tests, flips and the seed's hypothesis, from a comparison's files."
     g, smp = load_arms(out_dir, 'greedy'), load_arms(out_dir, f'n{n}')
@@ -238,10 +248,15 @@ def comparison_summary(out_dir, n:int=20) -> dict:
     if {'control', 'experiment'} <= set(g3):
         c, e = (float(np.mean(list(per_problem(g3[k], 1).values()))) for k in ('control', 'experiment'))
         res['hypothesis'] = {'control_pass@1': c, 'experiment_pass@1': e, 'relative_change': _relative(c, e),
-                             'mcnemar_p': mcnemar(per_problem(g3['control'], 1), per_problem(g3['experiment'], 1))['p_value'], 'seed_claim': [0.33, 0.50]}
+                             'mcnemar_p': mcnemar(per_problem(g3['control'], 1), per_problem(g3['experiment'], 1))['p_value'], 'seed_claim': [0.33, 0.50],
+                             'mcnemar_holm_p': res['greedy_tests']['control vs experiment']['Holm p']}
+        if 'control vs experiment' in res['pass@10_tests']:
+            t, arms = res['pass@10_tests']['control vs experiment'], res['arms']
+            res['hypothesis'] |= {f'{v}_pass@10': arms[v][f'pass@10 (n={n}, sampled)'] for v in ('control', 'experiment')} | {
+                                  'pass@10_bootstrap_p': t['bootstrap p'], 'pass@10_holm_p': t['Holm p']}
     return res
 
-# %% ../nbs/06_humaneval.ipynb #f119cf92
+# %% ../nbs/06_humaneval.ipynb #c829f938
 def hypothesis_verdict(summary:dict, alpha:float=0.05) -> str:
     "The seed's hypothesis (+33–50% pass@1 from metadata) against what a comparison measured, in one paragraph."
     h = summary.get('hypothesis')
@@ -250,10 +265,19 @@ def hypothesis_verdict(summary:dict, alpha:float=0.05) -> str:
     significant = h['mcnemar_p'] < alpha
     sig = 'significant' if significant else 'not significant'
     inside = h['relative_change'] is not None and 0.33 <= h['relative_change'] <= 0.50
-    return (f"Seed hypothesis: metadata raises pass@1 by 33–50%. Measured: control {h['control_pass@1']:.3f}, experiment "
-            f"{h['experiment_pass@1']:.3f}, relative change {rel}; McNemar p = {h['mcnemar_p']:.3g} ({sig} at {alpha}). "
-            + ('The change is in the claimed range' if inside else 'The change is outside the claimed range')
-            + (' and distinguishable from chance.' if significant else ', and this run cannot tell it from chance: it neither supports nor refutes the claim.'))
+    out = (f"Seed hypothesis: metadata raises pass@1 by 33–50%. Measured: control {h['control_pass@1']:.3f}, experiment "
+           f"{h['experiment_pass@1']:.3f}, relative change {rel}; McNemar p = {h['mcnemar_p']:.3g} ({sig} at {alpha}). "
+           + ('The change is in the claimed range' if inside else 'The change is outside the claimed range')
+           + (' and distinguishable from chance.' if significant else ', and this run cannot tell it from chance: it neither supports nor refutes the claim.'))
+    return out + (_pass10_verdict(h, alpha) if 'pass@10_bootstrap_p' in h else '')
+
+def _pass10_verdict(h, alpha):
+    p, q = h['pass@10_bootstrap_p'], h['pass@10_holm_p']
+    which = 'experiment' if h['experiment_pass@10'] > h['control_pass@10'] else 'control'
+    tail = (f'{which} is ahead, significant even after Holm adjustment over the three pairs of arms (p = {q:.3g}).' if q < alpha else
+            f'{which} is ahead: nominally significant (p < {alpha}), but not after Holm adjustment over the three pairs of arms (p = {q:.3g}).' if p < alpha else
+            f'not significant (Holm-adjusted p = {q:.3g}).')
+    return (f" Secondary, pass@10: control {h['control_pass@10']:.3f}, experiment {h['experiment_pass@10']:.3f}; paired bootstrap p = {p:.3g}: " + tail)
 
 # %% ../nbs/06_humaneval.ipynb #5e7e6388
 def plot_pass_at_k(out_dir, n:int=20, ax=None):

@@ -57,14 +57,16 @@ def update_settings(s:GenerationSettings, **changes) -> GenerationSettings:
         raise ConfigError(f"impossible generation settings: {s}")
     return s
 
-# %% ../nbs/05a_inference.ipynb #df282b4a
+# %% ../nbs/05a_inference.ipynb #7b27ba69
 def generation_quant(bits:int|None=None) -> QuantSettings:
     "4-bit on a GPU (as trained); 16-bit on a CPU, where bitsandbytes would dequantize every weight at every token."
     return QuantSettings(bits=bits or (4 if torch.cuda.is_available() else 16))
 
-def load_generator(model:str='default', adapter:str|None=None, quant:QuantSettings|None=None, no_lora:bool=False):
+def load_generator(model:str='default', adapter:str|None=None, quant:QuantSettings|None=None, no_lora:bool=False,
+                   attn_implementation:str='eager', # eager: greedy output identical run to run on a GPU (see below)
+                  ):
     "(model, tokenizer) for generation: base `model` (name, folder or merged model), plus `adapter` unless `no_lora`."
-    m, tok = load_model(ModelSettings(name=model), quant or generation_quant(), padding_side='left')
+    m, tok = load_model(ModelSettings(name=model, attn_implementation=attn_implementation), quant or generation_quant(), padding_side='left')
     if adapter and not no_lora:
         from peft import PeftModel
         if not (Path(adapter)/'adapter_config.json').exists(): raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a LoRA adapter folder)")

@@ -78,7 +78,7 @@ def evaluation_section(a) -> str:
                 f"{j['judged']} judged, **{j['counts']['unparsed']} unparsed** (left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
     return out
 
-# %% ../nbs/08_report.ipynb #9e30a2ba
+# %% ../nbs/08_report.ipynb #0188cb92
 def humaneval_section(a) -> str:
     "pass@k per arm with intervals, paired tests, the verdict on the seed hypothesis."
     h = a['humaneval']
@@ -88,7 +88,11 @@ def humaneval_section(a) -> str:
     out = ('## HumanEval\n\nEach fine-tuned arm is scored on the held-out fold of its training split (both folds, so every problem once); '
            'the base model on all 164 problems. Greedy decoding for pass@1; n samples at T=0.8 for pass@k.\n\n' + _table(h['arms'], cols))
     if h.get('greedy_tests'):
-        out += '\nPaired tests, greedy pass@1 (McNemar exact; bootstrap over problems):\n\n' + _table(h['greedy_tests'], ['diff (second − first)', 'bootstrap p', 'McNemar p'])
+        out += ('\nPaired tests, greedy pass@1 (McNemar exact; Holm-adjusted over the pairs):\n\n'
+                + _table(h['greedy_tests'], ['diff (second − first)', 'diff 95% CI', 'McNemar p', 'Holm p']))
+    if h.get('pass@10_tests'):
+        out += ('\nPaired tests, pass@10 (paired bootstrap over problems; Holm-adjusted over the pairs):\n\n'
+                + _table(h['pass@10_tests'], ['diff (second − first)', 'diff 95% CI', 'bootstrap p', 'Holm p']))
     return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h) + '\n'
 
 def hardware_section(a) -> str:
