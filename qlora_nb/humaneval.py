@@ -279,16 +279,17 @@ def _pass10_verdict(h, alpha):
             f'not significant (Holm-adjusted p = {q:.3g}).')
     return (f" Secondary, pass@10: control {h['control_pass@10']:.3f}, experiment {h['experiment_pass@10']:.3f}; paired bootstrap p = {p:.3g}: " + tail)
 
-# %% ../nbs/06_humaneval.ipynb #5e7e6388
+# %% ../nbs/06_humaneval.ipynb #0464d659
 def plot_pass_at_k(out_dir, n:int=20, ax=None):
-    "pass@k for k = 1..n per arm, from the sampled arms (unbiased estimator), with greedy pass@1 as dots."
+    "pass@k for k = 1..n per arm, from the sampled arms (unbiased estimator), with greedy pass@1 as rings at k = 1."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     greedy = load_arms(out_dir, 'greedy')
     for i, (name, scored) in enumerate(load_arms(out_dir, f'n{n}').items()):
         ks = list(range(1, n + 1))
         ax.plot(ks, [np.mean(list(per_problem(scored, k).values())) for k in ks], label=name, color=f'C{i}')
-        if name in greedy: ax.scatter([1], [np.mean(list(per_problem(greedy[name], 1).values()))], color=f'C{i}', marker='o', zorder=3)
-    ax.set(xlabel='k', ylabel='pass@k', title=f'HumanEval pass@k (n={n} samples per problem; dots: greedy pass@1)')
+        if name in greedy:  # rings of decreasing size, so that arms with equal greedy pass@1 stay visible
+            ax.scatter([1], [np.mean(list(per_problem(greedy[name], 1).values()))], s=110 - 25 * i, facecolors='none', edgecolors=f'C{i}', linewidths=2, zorder=3)
+    ax.set(xlabel='k', ylabel='pass@k', title=f'HumanEval pass@k (n={n} samples per problem; rings: greedy pass@1)')
     ax.legend(); ax.grid(alpha=.3)
     return ax.figure
