@@ -1,21 +1,24 @@
 #!/usr/bin/env python
-"""Training speed and memory, side by side in one run: the seeds' QLoRA recipe against qlora_nb's path.
+"""Training speed and memory, side by side in one run: the seeds' QLoRA recipe, qlora_nb's own training path, and
+Unsloth.
 
-    python benchmarks/bench.py              # on a GPU: the full benchmark (about 5 minutes on an H100)
+    python benchmarks/bench.py              # on a GPU: the full benchmark
     python benchmarks/bench.py --tiny       # anywhere: the same code on a tiny model, a few steps (CI runs this)
+    python benchmarks/bench.py --unsloth-site /tmp/site_u   # also Unsloth, in its own process (benchmarks/unsloth_case.py)
 
-Writes benchmarks/results/<tag>.json (or --out). Both recipes build the 4-bit model the same way (NF4 + double
-quantization, bf16 compute), quantizing in memory: the weights' values do not change speed or memory, and an
-8B checkpoint need not exist. Both train with the same loop (forward, backward, optimizer step); they differ
-only in what the recipes differ in:
+Writes benchmarks/results/<tag>.json (or --out), with a top-level "summary". Every recipe gets the same 4-bit model
+(NF4 + double quantization, bf16 compute, quantized in memory: the weights' values do not change speed or memory, and
+an 8B checkpoint need not exist) and the same LoRA (r=16, alpha=32 on q,k,v,o,gate,up,down; dropout named per row),
+paged AdamW 8-bit, lr 2e-4, seed 0.
 
-* baseline (the seeds): peft's `prepare_model_for_kbit_training` (which upcasts embeddings, norms and lm_head to
-  float32), gradient checkpointing (use_reentrant=False) always, every example padded to max_seq_length.
-* qlora_nb: no upcast, no padding (batches of one real-length example, or length-grouped batches), gradient
-  checkpointing only for the 8B shape (where memory needs it), the seed's batch 1 x accumulation 4 run as one batch of 4, Liger kernels (fused linear cross-entropy,
-  RMSNorm, SwiGLU, RoPE) when `liger-kernel` and a GPU are present.
-
-Shared: LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; paged AdamW 8-bit, lr 2e-4; seed 0.
+* seed: exactly the seeds' recipe, in its own loop: peft's `prepare_model_for_kbit_training` (which upcasts
+  embeddings, norms and lm_head to float32), gradient checkpointing (use_reentrant=False), every example padded to
+  max_seq_length, batch 1 x accumulation 4 on real data.
+* qlora_nb: the product itself. `add_run_lora` + `build_trainer` + `SFTTrainer.train`, the path `qlora_nb train`
+  runs, with the config's defaults deciding checkpointing, length grouping and Liger kernels. Nothing here
+  implements its training step a second time: a callback only times the steps.
+* unsloth: `FastLanguageModel` with Unsloth's own gradient checkpointing, in a separate process whose packages
+  (Unsloth pins older trl/datasets) come first on its path.
 
 Model FLOPs per trained token (the convention of the MFU column): 4*N_frozen (forward + input gradients of the
 frozen base; no weight gradients) + 6*N_lora + 12*L*s*d_attn for attention scores and values (forward + backward,
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,46 +71,28 @@ def pretrained_4bit_model(path, device):
     return quantize_linears(model, device)
 
 
-def try_liger(model):
-    "Patch `model` with Liger kernels where they apply; the reason when they do not."
-    if not torch.cuda.is_available(): return 'not used: no GPU (Liger kernels are Triton)'
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=True)
-        return 'fused linear cross-entropy, RMSNorm, SwiGLU, RoPE'
-    except Exception as e:
-        return f'not used: {type(e).__name__}: {e}'.splitlines()[0][:200]
-
-
-def with_lora(model, recipe, checkpointing):
-    "The recipe's preparation and the shared LoRA adapters."
+def seed_model(model, dropout=0.05):
+    "The seeds' preparation (with its float32 upcast) and the shared LoRA adapters."
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from qlora_nb.lora import prepare_for_qlora
-    notes = {}
-    if recipe == 'baseline':
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={'use_reentrant': False})
-    else:
-        notes['liger'] = try_liger(model)
-        model = prepare_for_qlora(model, checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={'use_reentrant': False})
     model.config.use_cache = False
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type='CAUSAL_LM')
-    return get_peft_model(model, cfg), notes
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type='CAUSAL_LM')
+    return get_peft_model(model, cfg)
 
 
-def optimizer(model):
+def seed_optimizer(model):
     import bitsandbytes as bnb
     params = [p for p in model.parameters() if p.requires_grad]
     if torch.cuda.is_available(): return bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-    return torch.optim.AdamW(params, lr=2e-4)  # bitsandbytes' 8-bit optimizers need a GPU
+    return torch.optim.AdamW(params, lr=2e-4)  # bitsandbytes' paged optimizers are for GPUs
 
 
 def sync():
     if torch.cuda.is_available(): torch.cuda.synchronize()
 
 
-def step(model, opt, batch):
+def seed_step(model, opt, batch):
     out = model(**batch)
     out.loss.backward()
     opt.step(); opt.zero_grad(set_to_none=True)
@@ -141,27 +127,74 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops):
+def synthetic_data(vocab, seq, n, seed=0):
+    "`n` rows of `seq` random tokens, every token trained, as the product's `PreparedData`."
+    from datasets import Dataset, DatasetDict
+    from qlora_nb.data import PreparedData
+    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed)).tolist()
+    ds = Dataset.from_dict({'input_ids': ids, 'attention_mask': [[1] * seq] * n, 'labels': ids})
+    return PreparedData(DatasetDict(train=ds, validation=ds.select(range(1))), DatasetDict())
+
+
+def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, model='default', extra=()):
+    "The product's run config for a benchmark case: its defaults, with the case's shape and the shared LoRA."
+    from qlora_nb.core import load_config
+    return load_config(overrides=[f'model.name={model}', f'output.output_dir={work}', f'output.run_name={name}',
+        'output.report_to=[]', f'data.max_seq_length={seq}', f'train.per_device_train_batch_size={batch}',
+        f'train.gradient_accumulation_steps={accum}', f'train.max_steps={steps}', 'train.num_train_epochs=1',
+        'train.learning_rate=2e-4', 'train.logging_steps=1', 'train.eval_steps=1000000', 'train.save_steps=1000000',
+        f'lora.lora_dropout={dropout}', f'lora.target_modules={TARGETS}', 'lora.r=16', 'lora.lora_alpha=32',
+        'train.seed=0', *extra])
+
+
+class StepTimer(TrainerCallback):
+    "Times the trainer's optimizer steps: it measures, it does not train."
+    def __init__(self): self.times, self.start = [], None
+    def on_train_begin(self, args, state, control, **kw): sync(); self.start = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw): sync(); self.times.append(time.perf_counter())
+
+
+def product_choices(cfg, model):
+    from qlora_nb.train import use_checkpointing, use_liger
+    return {'checkpointing': use_checkpointing(cfg, model.config), 'liger': use_liger(cfg),
+            'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+
+
+def product_trainer(cfg, model, tok, data):
+    "The product's own path: `add_run_lora` + `build_trainer` (what `train()` runs), and a step timer."
+    from qlora_nb.train import add_run_lora, build_trainer
+    choices = product_choices(cfg, model)
+    model = add_run_lora(cfg, model)
+    timer = StepTimer()
+    return build_trainer(cfg, data, model, tok, [timer], live=False), timer, choices
+
+
+def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops, tok, work, dropout=0.05):
     "Tokens/s and peak memory of `recipe` on random tokens (every token trained)."
     reset_memory()
     model = random_4bit_model(config, device)
-    model, notes = with_lora(model, recipe, checkpointing=True)
-    opt = optimizer(model)
-    gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()  # building in bf16 is not training
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
-    data = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids}
-    for _ in range(warmup): step(model, opt, data)
-    sync(); t = time.time()
-    losses = [step(model, opt, data) for _ in range(steps)]
-    sync(); dt = time.time() - t
+    gc.collect(); reset_memory()  # building the model in bf16 is not training
+    if recipe == 'seed':
+        model = seed_model(model, dropout); opt = seed_optimizer(model)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+        data = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids}
+        for _ in range(warmup): seed_step(model, opt, data)
+        sync(); t = time.perf_counter()
+        losses = [seed_step(model, opt, data) for _ in range(steps)]
+        sync(); dt, notes = time.perf_counter() - t, {}
+    else:
+        cfg = product_config(work, f'{recipe}-{seq}x{batch}-{dropout}', seq, batch, steps=warmup + steps, dropout=dropout)
+        trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, batch * (warmup + steps)))
+        trainer.train()
+        dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
+        losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tps = batch * seq * steps / dt
-    res = {'recipe': recipe, 'seq': seq, 'batch': batch, 'steps': steps, 'tokens_per_s': tps, 'peak_gib': peak_gib(),
-           'loss_last': losses[-1], 'lora_params': n_lora, **notes}
+    res = {'recipe': recipe, 'dropout': dropout, 'seq': seq, 'batch': batch, 'steps': steps, 'tokens_per_s': tps,
+           'peak_gib': peak_gib(), 'loss_last': losses[-1], 'lora_params': n_lora, **notes}
     if peak_tflops: res['mfu'] = tps * flops_per_token(config, n_lora, seq) / (peak_tflops * 1e12)
-    del model, opt; reset_memory()
+    del model; reset_memory()
     return res
 
 
@@ -172,18 +205,13 @@ def pad_batch(rows, width, pad_id):
             'labels': torch.tensor([pad(r['labels'], -100) for r in rows])}
 
 
-def train_group(model, opt, rows, recipe, max_len, pad_id, device):
-    """One optimizer step on a group of examples (the seed's batch 1 x accumulation 4).
-    baseline: one example at a time, each padded to max_len, gradients accumulated with token weights;
-    qlora_nb: the group as one batch padded to its longest example. Both minimise the token mean of the group."""
+def seed_group(model, opt, rows, max_len, pad_id, device):
+    """One optimizer step of the seed recipe on a group of examples: batch 1 x accumulation 4, each example padded to
+    max_len, gradients accumulated with token weights (the token mean of the group, as the product's batch of 4)."""
     n_group = sum(sum(l != -100 for l in r['labels'][1:]) for r in rows)
-    if recipe == 'baseline':
-        chunks = [([r], max_len) for r in rows]
-    else:
-        chunks = [(rows, max(len(r['input_ids']) for r in rows))]
     total, cells = 0.0, 0
-    for chunk, width in chunks:
-        b = {k: v.to(device) for k, v in pad_batch(chunk, width, pad_id).items()}
+    for r in rows:
+        b = {k: v.to(device) for k, v in pad_batch([r], max_len, pad_id).items()}
         n = int((b['labels'][:, 1:] != -100).sum())
         loss = model(**b).loss * n / n_group
         loss.backward(); total += loss.item(); cells += b['input_ids'].numel()
@@ -191,37 +219,94 @@ def train_group(model, opt, rows, recipe, max_len, pad_id, device):
     return total, cells
 
 
-def real_case(model_path, recipe, device, max_len, max_examples, group, peak_tflops):
-    "One epoch of the default model on HumanEval SFT examples at their real lengths; time, tokens/s, eval loss."
+def real_rows(model_path, max_len, max_examples):
+    "HumanEval SFT examples of the default tokenizer: real lengths and real prompt masks."
     from qlora_nb.core import load_config
     from qlora_nb.data import prepare_data
     from qlora_nb.model import load_tokenizer
-    from qlora_nb.evaluate import response_perplexity
     tok = load_tokenizer(model_path)
     cfg = load_config(overrides=[f'model.name={model_path}', f'data.max_seq_length={max_len}']
                       + ([f'data.max_samples={max_examples}'] if max_examples else []))
-    data = prepare_data(cfg, tok)
-    train, val = data.splits['train'].select_columns(['input_ids', 'attention_mask', 'labels']), data.splits['validation']
-    reset_memory(); torch.manual_seed(0)
-    model = pretrained_4bit_model(model_path, device)
-    model, notes = with_lora(model, recipe, checkpointing=False)
-    opt = optimizer(model)
-    if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
-    model.train()
+    return tok, prepare_data(cfg, tok)
+
+
+def seed_epoch(model, tok, data, max_len, device):
+    "The seed recipe's epoch over the training split, in a shuffled order; (wall s, padded cells, real tokens, losses)."
+    train = data.splits['train'].select_columns(['input_ids', 'attention_mask', 'labels'])
     order = list(range(len(train))); random.Random(0).shuffle(order)
     rows = [train[i] for i in order]
-    sync(); t = time.time(); padded = real = 0; losses = []
-    for i in range(0, len(rows), group):
-        loss, cells = train_group(model, opt, rows[i:i + group], recipe, max_len, tok.pad_token_id, device)
-        losses.append(loss); padded += cells; real += sum(len(r['input_ids']) for r in rows[i:i + group])
-    sync(); dt = time.time() - t
-    model.eval()
-    ev = response_perplexity(model, tok, val, batch_size=4)
-    res = {'recipe': recipe, 'examples': len(train), 'steps': len(losses), 'epoch_s': dt, 'tokens_per_s_all': padded / dt,
-           'tokens_per_s_real': real / dt, 'padding_fraction': 1 - real / padded, 'peak_gib': peak_gib(),
-           'first_train_loss': losses[0], 'final_train_loss': losses[-1], 'eval_loss': ev['loss'], 'eval_tokens': ev['tokens'], **notes}
-    del model, opt; reset_memory()
+    opt = seed_optimizer(model); model.train()
+    sync(); t = time.perf_counter(); padded = real = 0; losses = []
+    for i in range(0, len(rows), 4):
+        loss, cells = seed_group(model, opt, rows[i:i + 4], max_len, tok.pad_token_id, device)
+        losses.append(loss); padded += cells; real += sum(len(r['input_ids']) for r in rows[i:i + 4])
+    sync()
+    return time.perf_counter() - t, padded, real, losses
+
+
+def product_epoch(cfg, model, tok, data):
+    trainer, timer, notes = product_trainer(cfg, model, tok, data)
+    trainer.train()
+    real = sum(len(r) for r in data.splits['train']['input_ids'])
+    losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
+    return trainer.model, timer.times[-1] - timer.start, real, losses, notes
+
+
+def real_case(recipe, tok, data, device, max_len, work, shape=None, model_path=None):
+    """One epoch over real-length examples, on a random model of `shape` or the real model at `model_path`;
+    real tokens/s and, on the real model, the eval loss of the response tokens."""
+    from qlora_nb.evaluate import response_perplexity
+    reset_memory(); torch.manual_seed(0)
+    model = random_4bit_model(shape, device) if shape else pretrained_4bit_model(model_path, device)
+    reset_memory()
+    if recipe == 'seed':
+        model = seed_model(model)
+        dt, padded, real, losses = seed_epoch(model, tok, data, max_len, device); notes = {'padding_fraction': 1 - real / padded}
+    else:
+        cfg = product_config(work, f'real-{"shape" if shape else "model"}', max_len, 4, model=model_path or 'default')
+        model, dt, real, losses, notes = product_epoch(cfg, model, tok, data)
+    res = {'recipe': recipe, 'examples': len(data.splits['train']), 'steps': len(losses), 'epoch_s': dt,
+           'tokens_per_s_real': real / dt, 'peak_gib': peak_gib(), 'first_train_loss': losses[0],
+           'final_train_loss': losses[-1], **notes}
+    if not shape:
+        model.eval(); ev = response_perplexity(model, tok, data.splits['validation'], batch_size=4)
+        res |= {'eval_loss': ev['loss'], 'eval_tokens': ev['tokens']}
+    del model; reset_memory()
     return res
+
+
+def dtype_case(dtype, model_path, max_len, max_examples, work):
+    "The product's `train()` on the default job's data with compute dtype `dtype`: its eval loss and throughput."
+    from qlora_nb.train import train
+    from qlora_nb.evaluate import response_perplexity
+    extra = [f'quant.compute_dtype={dtype}'] + ([f'data.max_samples={max_examples}'] if max_examples else [])
+    cfg = product_config(work, f'dtype-{dtype}', max_len, 4, model=model_path, extra=extra)
+    reset_memory(); res = train(cfg, live=False)
+    tok, model = res.trainer.processing_class, res.trainer.model
+    model.eval(); ev = response_perplexity(model, tok, res.trainer.eval_dataset, batch_size=4)
+    out = {'dtype': dtype, 'eval_loss': ev['loss'], 'final_train_loss': res.summary['final_train_loss'],
+           'tokens_per_s_real': res.summary['tokens_seen'] / res.summary['wall_time_s'], 'peak_gib': peak_gib()}
+    del res, model; reset_memory()
+    return out
+
+
+def profile_case(model_path, max_len, work, steps=5):
+    "Fraction of a product training step the GPU is busy (sum of kernel times / wall), default model, real data."
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+    class Profiled(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3: sync(); self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]).__enter__(); self.t = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3 + steps: sync(); self.wall = time.perf_counter() - self.t; self.prof.__exit__(None, None, None)
+    from qlora_nb.train import train
+    cb = Profiled()
+    train(product_config(work, 'profile', max_len, 4, steps=3 + steps, model=model_path), callbacks=[cb], live=False)
+    ev = cb.prof.key_averages()
+    kern = sum(getattr(e, 'self_device_time_total', 0) for e in ev) / 1e6
+    return {'step_wall_s': cb.wall / steps, 'gpu_busy_fraction': kern / cb.wall,
+            'top_kernels': [{'name': e.key[:90], 'ms_per_step': e.self_device_time_total / 1e3 / steps}
+                            for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:10]]}
 
 
 def environment():
@@ -235,15 +320,36 @@ def environment():
             'python': platform.python_version(), 'cpu_count': __import__('os').cpu_count(), 'versions': vers}
 
 
-def ratios(results):
-    "qlora_nb / baseline for each case."
-    out = {}
-    for case, r in results.items():
-        b, q = r['baseline'], r['qlora_nb']
-        key = 'tokens_per_s' if 'tokens_per_s' in b else 'tokens_per_s_real'
-        out[case] = {'speedup': q[key] / b[key], 'memory_ratio': (q['peak_gib'] / b['peak_gib']) if b['peak_gib'] else None}
-        if 'eval_loss' in b: out[case]['eval_loss_rel_diff'] = (q['eval_loss'] - b['eval_loss']) / b['eval_loss']
-    return out
+def unsloth_case(site, seq, batch, steps, warmup, dropout, work):
+    "Unsloth on the same shape, LoRA and optimizer, in its own process with its own packages first on the path."
+    import os, subprocess
+    env = {**os.environ, 'PYTHONPATH': f"{site}:{os.environ.get('PYTHONPATH', '')}", 'HF_HUB_OFFLINE': '1',
+           'UNSLOTH_DISABLE_STATISTICS': '1'}
+    cmd = [sys.executable, str(ROOT/'benchmarks'/'unsloth_case.py'), '--seq', str(seq), '--batch', str(batch),
+           '--steps', str(steps), '--warmup', str(warmup), '--dropout', str(dropout), '--work', str(work)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode: return {'recipe': 'unsloth', 'dropout': dropout, 'error': r.stderr[-2000:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summary(results):
+    "The issue's contract: exactly these keys (None where a case did not run)."
+    def get(case, recipe, key):
+        return results.get(case, {}).get(recipe, {}).get(key)
+    def ratio(a, b): return a / b if a is not None and b else None
+    s8 = 'llama3-8b-shape 2048x1'
+    fp16, bf16 = get('t4 mode', 'float16', 'eval_loss'), get('t4 mode', 'bfloat16', 'eval_loss')
+    seed_loss, prod_loss = get('default model real data', 'seed', 'eval_loss'), get('default model real data', 'qlora_nb', 'eval_loss')
+    import math
+    return {'product_vs_seed_8b_2048': ratio(get(s8, 'qlora_nb', 'tokens_per_s'), get(s8, 'seed', 'tokens_per_s')),
+            'product_peak_gib_8b_2048': get(s8, 'qlora_nb', 'peak_gib'),
+            'product_vs_unsloth_8b_2048': ratio(get(s8, 'qlora_nb', 'tokens_per_s'), get(s8, 'unsloth', 'tokens_per_s')),
+            'product_vs_seed_real_lengths': ratio(get('llama3-8b-shape real lengths', 'qlora_nb', 'tokens_per_s_real'),
+                                                  get('llama3-8b-shape real lengths', 'seed', 'tokens_per_s_real')),
+            'eval_loss_rel_diff_real': ratio(None if prod_loss is None or seed_loss is None else prod_loss - seed_loss, seed_loss),
+            'default_model_tokens_per_s': get('default model real data', 'qlora_nb', 'tokens_per_s_real'),
+            'default_model_gpu_busy': results.get('profile', {}).get('qlora_nb', {}).get('gpu_busy_fraction'),
+            't4_mode_loss_rel_diff': (abs(fp16 - bf16) / bf16 if fp16 is not None and bf16 and math.isfinite(fp16) else None)}
 
 
 def main(argv=None):
@@ -251,39 +357,57 @@ def main(argv=None):
     ap.add_argument('--tiny', action='store_true', help='a tiny model and a few steps (CPU-friendly; checks the code, not the speed)')
     ap.add_argument('--model', default='default', help='model of the real-data case')
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
-    ap.add_argument('--only', choices=['synthetic', 'real'], help='run only these cases')
+    ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
+    ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
+    ap.add_argument('--work', default=None, help='scratch folder for the product runs (default: a temporary one)')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
     args = ap.parse_args(argv)
-    from qlora_nb.model import llama3_8b_config
+    import tempfile
+    from qlora_nb.model import llama3_8b_config, load_tokenizer
     from qlora_nb.weights import resolve_model, tiny_model_dir
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    work = Path(args.work or tempfile.mkdtemp(prefix='qlora_nb_bench_'))
     if args.tiny:
         from transformers import LlamaConfig
-        shape = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        shape = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
-        synth = [('tiny-shape 128x1', 128, 1), ('tiny-shape 32x4', 32, 4)]
-        model_path, max_len, max_examples, steps, warmup = str(tiny_model_dir()), 512, 4, 2, 1
+        seq8, model_path, max_len, max_examples, steps, warmup = 128, str(tiny_model_dir()), 512, 8, 2, 1
     else:
-        shape = llama3_8b_config()
-        synth = [('llama3-8b-shape 2048x1', 2048, 1), ('llama3-8b-shape 512x4', 512, 4)]
+        shape, seq8 = llama3_8b_config(), 2048
         model_path, max_len, max_examples, steps, warmup = str(resolve_model(args.model)), 2048, None, args.steps, args.warmup
     peak = matmul_peak_tflops(device)
+    tok, data = real_rows(model_path, max_len, max_examples)
     results = {}
-    dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}{'gpu' if peak else 'cpu'}-{datetime.date.today()}.json")
+    gpu = torch.cuda.get_device_name(0).split()[-1].lower() if peak else 'cpu'
+    dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}{gpu}-{datetime.date.today()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     def save():  # after every case, so an interrupted run keeps what it measured
-        out = {'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny, 'results': results, 'ratios': ratios(results)}
+        out = {'summary': summary(results), 'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny,
+               'results': results}
         dest.write_text(json.dumps(out, indent=2))
         return out
-    real_name = f'{Path(model_path).name} humaneval-sft real lengths, max {max_len}'
-    cases = [(real_name, lambda r: real_case(model_path, r, device, max_len, max_examples, 4, peak))]
-    cases += [(n, lambda r, seq=seq, b=b: synthetic_case(shape, r, seq, b, steps, warmup, device, peak)) for n, seq, b in synth]
-    cases = [c for c in cases if not args.only or (c[0] == real_name) == (args.only == 'real')]
-    for name, run in cases:
-        results[name] = {r: run(r) for r in ('baseline', 'qlora_nb')}
-        print(name, json.dumps(results[name]), flush=True)
-        out = save()
-    print(json.dumps(out['ratios'], indent=2)); print(f'wrote {dest}')
+    synth = lambda r, d=0.05: synthetic_case(shape, r, seq8, 1, steps, warmup, device, peak, tok, work, d)
+    cases = {'llama3-8b-shape 2048x1': {'seed': synth, 'qlora_nb': synth},
+             'llama3-8b-shape 2048x1 dropout 0': {'qlora_nb': lambda r: synth(r, 0.0)},
+             'llama3-8b-shape real lengths': {r: (lambda r: real_case(r, tok, data, device, max_len, work, shape=shape))
+                                             for r in ('seed', 'qlora_nb')},
+             'default model real data': {r: (lambda r: real_case(r, tok, data, device, max_len, work, model_path=model_path))
+                                        for r in ('seed', 'qlora_nb')}}
+    if args.unsloth_site and torch.cuda.is_available():
+        for d, case in ((0.05, 'llama3-8b-shape 2048x1'), (0.0, 'llama3-8b-shape 2048x1 dropout 0')):
+            cases[case]['unsloth'] = lambda r, d=d: unsloth_case(args.unsloth_site, seq8, 1, steps, warmup, d, work)
+    if torch.cuda.is_available():
+        cases['t4 mode'] = {d: (lambda d: dtype_case(d, model_path, max_len, max_examples, work)) for d in ('bfloat16', 'float16')}
+        cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
+    for name, recipes in cases.items():
+        if args.only and not any(w in name for w in args.only): continue
+        results[name] = {}
+        for recipe, run in recipes.items():
+            results[name][recipe] = run(recipe)
+            print(name, recipe, json.dumps(results[name][recipe])[:400], flush=True)
+            out = save()
+    out = save()
+    print(json.dumps(out['summary'], indent=2)); print(f'wrote {dest}')
     return out
 
 

@@ -1,6 +1,6 @@
 """Project-level checks: every notebook runs as a test, and the library, the notebooks and README.md
 are exactly what the notebooks produce. Run with `pytest tests/` from the repository root."""
-import shutil, subprocess, sys
+import os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -8,16 +8,43 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NBS = sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb'))
 
+# On a CPU, compute dtype 'auto' means bfloat16 on a chip with native bf16 and float32 on any other, so a check that
+# compares numbers can pass on one laptop and fail on the next. The chapters that compute with a model therefore run
+# once under each dtype (QLORA_NB_CPU_DTYPE pins what 'auto' means), whatever CPU runs the tests.
+CPU_DTYPES = ('float32', 'bfloat16')
+DTYPE_SENSITIVE = {'02_model.ipynb', '03_lora.ipynb', '04_training.ipynb', '05_evaluation.ipynb',
+                   '05a_inference.ipynb', '06_humaneval.ipynb', '07_packaging.ipynb'}
+NOTEBOOK_CASES = [pytest.param(nb, d, id=f'{nb}[{d}]' if d else nb)
+                  for nb in NBS for d in (CPU_DTYPES if nb in DTYPE_SENSITIVE else (None,))]
+
 
 def run(cmd, cwd=ROOT, **kw):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
 
 
-@pytest.mark.parametrize('nb', NBS)
-def test_notebook(nb):
+@pytest.mark.parametrize('nb,cpu_dtype', NOTEBOOK_CASES)
+def test_notebook(nb, cpu_dtype):
     "Each notebook runs top to bottom on the CPU; cells flagged slow/cuda/notest are skipped (settings.ini tst_flags)."
-    r = run(['nbdev_test', '--path', f'nbs/{nb}', '--do_print'])
+    env = {**os.environ, 'QLORA_NB_CPU_DTYPE': cpu_dtype} if cpu_dtype else None
+    r = run(['nbdev_test', '--path', f'nbs/{nb}', '--do_print'], env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-8000:]
+
+
+def test_every_chapter_that_loads_a_model_runs_under_both_dtypes():
+    "A new chapter that loads or trains a model must join DTYPE_SENSITIVE, or its checks are tried in one dtype only."
+    loads = {nb for nb in NBS if any(f in (ROOT/'nbs'/nb).read_text() for f in ('load_model(', 'add_lora('))}
+    assert loads <= DTYPE_SENSITIVE | {'index.ipynb'}, sorted(loads - DTYPE_SENSITIVE)
+
+
+def test_cpu_dtype_setting_reaches_the_model():
+    "QLORA_NB_CPU_DTYPE decides the dtype a model is actually loaded in, in a fresh process as nbdev_test starts one."
+    code = ('from qlora_nb.model import load_model; from qlora_nb.core import ModelSettings; '
+            'from qlora_nb.weights import tiny_model_dir; '
+            'print(load_model(ModelSettings(name=str(tiny_model_dir())))[0].dtype)')
+    for dtype in CPU_DTYPES:
+        r = run([sys.executable, '-c', code], env={**os.environ, 'QLORA_NB_CPU_DTYPE': dtype, 'CUDA_VISIBLE_DEVICES': ''})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip().splitlines()[-1] == f'torch.{dtype}', r.stdout
 
 
 def _copy_project(tmp_path):
