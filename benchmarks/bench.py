@@ -377,10 +377,11 @@ def main(argv=None):
         model_path, max_len, max_examples, steps, warmup = str(resolve_model(args.model)), 2048, None, args.steps, args.warmup
     peak = matmul_peak_tflops(device)
     tok, data = real_rows(model_path, max_len, max_examples)
-    results = {}
     gpu = torch.cuda.get_device_name(0).split()[-1].lower() if peak else 'cpu'
     dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}{gpu}-{datetime.date.today()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # cases already in `dest` (an earlier command on the same machine) are kept, not run again
+    results = json.loads(dest.read_text())['results'] if dest.exists() else {}
     def save():  # after every case, so an interrupted run keeps what it measured
         out = {'summary': summary(results), 'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny,
                'results': results}
@@ -401,8 +402,9 @@ def main(argv=None):
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
     for name, recipes in cases.items():
         if args.only and not any(w in name for w in args.only): continue
-        results[name] = {}
+        results.setdefault(name, {})
         for recipe, run in recipes.items():
+            if recipe in results[name]: continue
             results[name][recipe] = run(recipe)
             print(name, recipe, json.dumps(results[name][recipe])[:400], flush=True)
             out = save()
