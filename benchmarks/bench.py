@@ -169,7 +169,7 @@ def product_trainer(cfg, model, tok, data):
     return build_trainer(cfg, data, model, tok, [timer], live=False), timer, choices
 
 
-def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops, tok, work, dropout=0.05):
+def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops, tok, work, dropout=0.05, extra=()):
     "Tokens/s and peak memory of `recipe` on random tokens (every token trained)."
     reset_memory()
     model = random_4bit_model(config, device)
@@ -184,7 +184,8 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
         losses = [seed_step(model, opt, data) for _ in range(steps)]
         sync(); dt, notes = time.perf_counter() - t, {}
     else:
-        cfg = product_config(work, f'{recipe}-{seq}x{batch}-{dropout}', seq, batch, steps=warmup + steps, dropout=dropout)
+        name = f'{recipe}-{seq}x{batch}-{dropout}' + ''.join(f'-{o}' for o in extra)
+        cfg = product_config(work, name, seq, batch, steps=warmup + steps, dropout=dropout, extra=extra)
         trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, batch * (warmup + steps)))
         trainer.train()
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
@@ -358,6 +359,8 @@ def main(argv=None):
     ap.add_argument('--model', default='default', help='model of the real-data case')
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
+    ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
+                    help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
     ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
     ap.add_argument('--work', default=None, help='scratch folder for the product runs (default: a temporary one)')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
@@ -387,13 +390,16 @@ def main(argv=None):
                'results': results}
         dest.write_text(json.dumps(out, indent=2))
         return out
-    synth = lambda r, d=0.05: synthetic_case(shape, r, seq8, 1, steps, warmup, device, peak, tok, work, d)
+    synth = lambda r, d=0.05, o=(): synthetic_case(shape, r, seq8, 1, steps, warmup, device, peak, tok, work, d, o)
     cases = {'llama3-8b-shape 2048x1': {'seed': synth, 'qlora_nb': synth},
              'llama3-8b-shape 2048x1 dropout 0': {'qlora_nb': lambda r: synth(r, 0.0)},
              'llama3-8b-shape real lengths': {r: (lambda r: real_case(r, tok, data, device, max_len, work, shape=shape))
                                              for r in ('seed', 'qlora_nb')},
              'default model real data': {r: (lambda r: real_case(r, tok, data, device, max_len, work, model_path=model_path))
                                         for r in ('seed', 'qlora_nb')}}
+    for v in args.variant:
+        vname, overrides = v.split('=', 1)
+        cases[f'llama3-8b-shape 2048x1 {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')): synth(r, 0.05, o)}
     if args.unsloth_site and torch.cuda.is_available():
         for d, case in ((0.05, 'llama3-8b-shape 2048x1'), (0.0, 'llama3-8b-shape 2048x1 dropout 0')):
             cases[case]['unsloth'] = lambda r, d=d: unsloth_case(args.unsloth_site, seq8, 1, steps, warmup, d, work)
