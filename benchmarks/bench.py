@@ -24,7 +24,7 @@ Model FLOPs per trained token (the convention of the MFU column): 4*N_frozen (fo
 frozen base; no weight gradients) + 6*N_lora + 12*L*s*d_attn for attention scores and values (forward + backward,
 no causal discount); recomputation from checkpointing is not counted. The peak is a measured bf16 matmul.
 """
-import argparse, datetime, gc, json, platform, random, sys, time
+import argparse, datetime, gc, json, math, platform, random, sys, time
 from pathlib import Path
 
 import torch
@@ -131,7 +131,7 @@ def synthetic_data(vocab, seq, n, seed=0):
     "`n` rows of `seq` random tokens, every token trained, as the product's `PreparedData`."
     from datasets import Dataset, DatasetDict
     from qlora_nb.data import PreparedData
-    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seed)).tolist() * n  # as the seed's loop
     ds = Dataset.from_dict({'input_ids': ids, 'attention_mask': [[1] * seq] * n, 'labels': ids})
     return PreparedData(DatasetDict(train=ds, validation=ds.select(range(1))), DatasetDict())
 
@@ -206,7 +206,7 @@ def pad_batch(rows, width, pad_id):
             'labels': torch.tensor([pad(r['labels'], -100) for r in rows])}
 
 
-def seed_group(model, opt, rows, max_len, pad_id, device):
+def seed_group(model, opt, sched, rows, max_len, pad_id, device):
     """One optimizer step of the seed recipe on a group of examples: batch 1 x accumulation 4, each example padded to
     max_len, gradients accumulated with token weights (the token mean of the group, as the product's batch of 4)."""
     n_group = sum(sum(l != -100 for l in r['labels'][1:]) for r in rows)
@@ -216,7 +216,8 @@ def seed_group(model, opt, rows, max_len, pad_id, device):
         n = int((b['labels'][:, 1:] != -100).sum())
         loss = model(**b).loss * n / n_group
         loss.backward(); total += loss.item(); cells += b['input_ids'].numel()
-    opt.step(); opt.zero_grad(set_to_none=True)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
     return total, cells
 
 
@@ -232,25 +233,33 @@ def real_rows(model_path, max_len, max_examples):
 
 
 def seed_epoch(model, tok, data, max_len, device):
-    "The seed recipe's epoch over the training split, in a shuffled order; (wall s, padded cells, real tokens, losses)."
+    """The seed recipe's epoch over the training split, in a shuffled order, with the seeds' schedule (lr 2e-4, cosine,
+    3% warmup) and the QLoRA paper's clipping (0.3, as the product). Returns (wall s, padded cells, real tokens, losses),
+    time and tokens counted from the second step on: the first one warms up kernels, in every recipe."""
+    from transformers import get_cosine_schedule_with_warmup
     train = data.splits['train'].select_columns(['input_ids', 'attention_mask', 'labels'])
     order = list(range(len(train))); random.Random(0).shuffle(order)
     rows = [train[i] for i in order]
+    groups = [rows[i:i + 4] for i in range(0, len(rows), 4)]
     opt = seed_optimizer(model); model.train()
-    sync(); t = time.perf_counter(); padded = real = 0; losses = []
-    for i in range(0, len(rows), 4):
-        loss, cells = seed_group(model, opt, rows[i:i + 4], max_len, tok.pad_token_id, device)
-        losses.append(loss); padded += cells; real += sum(len(r['input_ids']) for r in rows[i:i + 4])
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.03 * len(groups)), len(groups))
+    padded = real = 0; losses = []
+    for i, g in enumerate(groups):
+        if i == 1: sync(); t = time.perf_counter()
+        loss, cells = seed_group(model, opt, sched, g, max_len, tok.pad_token_id, device)
+        losses.append(loss)
+        if i: padded += cells; real += sum(len(r['input_ids']) for r in g)
     sync()
     return time.perf_counter() - t, padded, real, losses
 
 
 def product_epoch(cfg, model, tok, data):
+    "The product's epoch; wall time and real tokens from the second step on, as `seed_epoch`."
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
     trainer.train()
-    real = sum(len(r) for r in data.splits['train']['input_ids'])
-    losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
-    return trainer.model, timer.times[-1] - timer.start, real, losses, notes
+    logged = [h for h in trainer.state.log_history if 'loss' in h]
+    real = logged[-1]['num_tokens'] - logged[0]['num_tokens']  # TRL counts the tokens under the attention mask
+    return trainer.model, timer.times[-1] - timer.times[0], real, [h['loss'] for h in logged], notes
 
 
 def real_case(recipe, tok, data, device, max_len, work, shape=None, model_path=None):

@@ -218,6 +218,11 @@ def _oom_advice(cfg, step):
             f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; or rerun with --auto-batch.")
 
 # %% ../nbs/04_training.ipynb #dfd7112c
+def _float32_adapters(model):
+    "TRL stores a quantized model's adapters in bf16; float16 training (a T4) needs float32 ones for its gradient scaler."
+    for p in model.parameters():
+        if p.requires_grad: p.data = p.data.float()
+
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
@@ -229,6 +234,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, callbacks=cbs)
+    if trainer.args.fp16: _float32_adapters(trainer.model)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
     except ImportError: return trainer
