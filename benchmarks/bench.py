@@ -300,23 +300,45 @@ def dtype_case(dtype, model_path, max_len, max_examples, work):
     return out
 
 
+class Profiled(TrainerCallback):
+    "Profiles optimizer steps `first` to `first + steps - 1` of a trainer (it measures, it does not train)."
+    def __init__(self, first=3, steps=5): self.first, self.steps = first, steps
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+            sync(); self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]); self.prof.__enter__()
+            self.t = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.first + self.steps:
+            sync(); self.wall = time.perf_counter() - self.t; self.prof.__exit__(None, None, None)
+
+    def report(self):
+        "GPU busy fraction (kernel time / wall) and the top kernels, per step."
+        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy, by_name = sum(e.device_time for e in kernels) / 1e6, {}
+        for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        return {'step_wall_s': self.wall / self.steps, 'gpu_busy_fraction': busy / self.wall,
+                'kernels_per_step': len(kernels) / self.steps,
+                'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top]}
+
+
 def profile_case(model_path, max_len, work, steps=5):
-    "Fraction of a product training step the GPU is busy (sum of kernel times / wall), default model, real data."
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import TrainerCallback
-    class Profiled(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 3: sync(); self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]).__enter__(); self.t = time.perf_counter()
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3 + steps: sync(); self.wall = time.perf_counter() - self.t; self.prof.__exit__(None, None, None)
+    "How busy the GPU is in the product's training step: the default model on real data, through `train()`."
     from qlora_nb.train import train
-    cb = Profiled()
+    cb = Profiled(3, steps)
     train(product_config(work, 'profile', max_len, 4, steps=3 + steps, model=model_path), callbacks=[cb], live=False)
-    ev = cb.prof.key_averages()
-    kern = sum(getattr(e, 'self_device_time_total', 0) for e in ev) / 1e6
-    return {'step_wall_s': cb.wall / steps, 'gpu_busy_fraction': kern / cb.wall,
-            'top_kernels': [{'name': e.key[:90], 'ms_per_step': e.self_device_time_total / 1e3 / steps}
-                            for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:10]]}
+    return cb.report()
+
+
+def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
+    "The same for the 8B shape at `seq` x 1 (where does the time of a step go, with and without LoRA dropout)."
+    reset_memory(); model = random_4bit_model(config, device); reset_memory()
+    cfg = product_config(work, f'profile-8b-{dropout}', seq, 1, steps=2 + steps, dropout=dropout)
+    trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps))
+    cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train()
+    del model, trainer; reset_memory()
+    return {**cb.report(), **notes}
 
 
 def environment():
@@ -357,8 +379,8 @@ def summary(results):
             'product_vs_seed_real_lengths': ratio(get('llama3-8b-shape real lengths', 'qlora_nb', 'tokens_per_s_real'),
                                                   get('llama3-8b-shape real lengths', 'seed', 'tokens_per_s_real')),
             'eval_loss_rel_diff_real': ratio(None if prod_loss is None or seed_loss is None else prod_loss - seed_loss, seed_loss),
-            'default_model_tokens_per_s': get('default model real data', 'qlora_nb', 'tokens_per_s_real'),
-            'default_model_gpu_busy': results.get('profile', {}).get('qlora_nb', {}).get('gpu_busy_fraction'),
+            'default_model_tokens_per_s': get('t4 mode', 'bfloat16', 'tokens_per_s_real'),  # `train()` end to end
+            'default_model_gpu_busy': get('profile', 'qlora_nb', 'gpu_busy_fraction'),
             't4_mode_loss_rel_diff': (abs(fp16 - bf16) / bf16 if fp16 is not None and bf16 and math.isfinite(fp16) else None)}
 
 
@@ -415,6 +437,8 @@ def main(argv=None):
     if torch.cuda.is_available():
         cases['t4 mode'] = {d: (lambda d: dtype_case(d, model_path, max_len, max_examples, work)) for d in ('bfloat16', 'float16')}
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
+        cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
+                              for d in (0.05, 0.0)}
     for name, recipes in cases.items():
         if args.only and not any(w in name for w in args.only): continue
         results.setdefault(name, {})
