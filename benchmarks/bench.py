@@ -314,7 +314,8 @@ class Profiled(TrainerCallback):
 
     def report(self):
         "GPU busy fraction (kernel time / wall) and the top kernels, per step."
-        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # CUDA events, less the profiler's own ranges ('Optimizer.step#AdamW.step' spans kernels counted already)
+        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and '#' not in e.name]
         busy, by_name = sum(e.device_time for e in kernels) / 1e6, {}
         for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
