@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['TRAIN_COLUMNS', 'QUICK', 'use_liger', 'sft_config', 'trainer_datasets', 'layer_activation_bytes', 'memory_budget',
            'use_checkpointing', 'add_run_lora', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
-           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'TrainResult', 'build_trainer', 'train',
-           'StopAtStep']
+           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult',
+           'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -193,6 +193,13 @@ def environment() -> dict:
             'gpu': gpu, 'gpu_memory_gb': torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else None,
             'versions': vers, 'git_commit': commit}
 
+# %% ../nbs/04_training.ipynb #17aa9ab6
+def last_complete_checkpoint(run_dir) -> str|None:
+    "The newest checkpoint that was written to the end (the trainer writes `trainer_state.json` last)."
+    run_dir = Path(run_dir)
+    done = [d for d in run_dir.glob('checkpoint-*') if d.name.split('-')[-1].isdigit() and (d/'trainer_state.json').exists()]
+    return str(max(done, key=lambda d: int(d.name.split('-')[-1]))) if done else None
+
 # %% ../nbs/04_training.ipynb #73eae696
 @dataclass
 class TrainResult:
@@ -204,7 +211,7 @@ class TrainResult:
 def _resume_point(cfg, resume):
     if not resume: return None
     if resume is True:
-        last = get_last_checkpoint(str(cfg.run_dir)) if cfg.run_dir.exists() else None
+        last = last_complete_checkpoint(cfg.run_dir)
         if last is None: raise FileNotFoundError(f"{cfg.run_dir}: no checkpoint-* to resume from")
         return last
     if not Path(resume).is_dir(): raise FileNotFoundError(f"{resume}: no such checkpoint folder")
