@@ -57,11 +57,14 @@ if spaces and not root:  # the same uid inside: its capabilities there end when 
 r, w = os.pipe()
 pid = os.fork()
 if pid:  # the launcher: hand the judge its configuration, wait for it, pass on its exit status
-    os.close(r)
-    if spaces: report(namespace=os.readlink(f'/proc/{pid}/ns/pid'), init=pid)
-    os.close(verdict)
+    os.close(r); os.close(verdict)
+    def stop(*_):  # the evaluator's "time is up"; the judge is our unreaped child, so its pid is still its own
+        try: os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+    signal.signal(signal.SIGTERM, stop)
     with os.fdopen(w, 'w') as fh: fh.write(json.dumps(cfg))
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)  # once the namespace's init is reaped, the kernel has ended everything in it
+    if not spaces: os.killpg(0, signal.SIGKILL)  # no namespace: at least the process group (this launcher too)
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
 os.close(w)
@@ -150,8 +153,7 @@ cfg = json.loads(sys.stdin.read()); os.dup2(os.open('/dev/null', os.O_RDONLY), 0
 verdict = cfg['verdict_fd']
 def report(**kw):
     os.write(verdict, (json.dumps(kw) + '\n').encode())
-    try: os.killpg(prog.pid, signal.SIGKILL)  # needed only where there is no PID namespace: its end kills them all
-    except Exception: pass
+    prog.kill()  # needed only where there is no PID namespace: its end kills them all
     shutil.rmtree(work, ignore_errors=True); os._exit(0)
 exec(cfg['codec'])
 work = tempfile.mkdtemp(prefix='program_', dir='/tmp')
@@ -159,7 +161,7 @@ with open(os.path.join(work, 'candidate.py'), 'w') as f: f.write(cfg['code'])
 req_r, req_w = os.pipe(); rep_r, rep_w = os.pipe()
 env = {'PATH': '/usr/bin:/bin', 'HOME': work, 'LANG': 'C.UTF-8', 'PYTHONHASHSEED': '0'}
 prog = subprocess.Popen([sys.executable, '-I', '-B', '-c', cfg['runner'], str(req_r), str(rep_w)], pass_fds=(req_r, rep_w),
-                        stdin=subprocess.DEVNULL, cwd=work, env=env, start_new_session=True)
+                        stdin=subprocess.DEVNULL, cwd=work, env=env)
 os.close(req_r); os.close(rep_w)
 to_prog, from_prog = os.fdopen(req_w, 'wb'), os.fdopen(rep_r, 'rb')
 class ProgramError(Exception): pass
@@ -184,6 +186,7 @@ try:
     if cfg['tests'] is not None:
         ns = {'__name__': '__judge__'}
         exec(compile(cfg['tests'], 'tests', 'exec'), ns)
+        if cfg['entry_point']: ns[cfg['entry_point']] = candidate  # tests may call it by name, not only as `candidate`
         ns['check'](candidate)
 except ProgramDied: report(status='error', detail=died(), opaque=seen_opaque)
 except ProgramError as e: report(status='failed' if str(e).startswith('AssertionError') else 'error', detail=str(e), opaque=seen_opaque)
@@ -265,22 +268,6 @@ def _sweep(uid, rounds:int=20):
             except (psutil.NoSuchProcess, psutil.AccessDenied): pass
         psutil.wait_procs(procs, timeout=0.2)
 
-def _empty_namespace(ns, timeout:float=10.0):
-    "Kill every process left in PID namespace `ns` (its init is dead: the kernel kills them too) and wait until none is."
-    if ns == os.readlink('/proc/self/ns/pid'): return  # never our own
-    end = time.time() + timeout
-    while time.time() < end:
-        left = []
-        for p in Path('/proc').iterdir():
-            try:
-                if p.name.isdigit() and os.readlink(p/'ns'/'pid') == ns: left.append(int(p.name))
-            except OSError: pass
-        if not left: return
-        for pid in left:
-            try: os.kill(pid, signal.SIGKILL)
-            except OSError: pass
-        time.sleep(0.01)
-
 # %% ../nbs/06a_sandbox.ipynb #2f7ab0e6
 def _homes():
     "Directories that hold users' files: hidden from the program (its own HOME is in its private /tmp)."
@@ -314,20 +301,12 @@ def _launch(cfg, verdict_r, verdict_w, limits, root, uid):
         try: p.stdin.write(json.dumps(cfg).encode()); p.stdin.close()
         except BrokenPipeError: pass
         try: code, timed_out = p.wait(timeout=limits.wall_s), False
-        except subprocess.TimeoutExpired: code, timed_out = None, True
-        buf, msgs = _messages(verdict_r, b'')
-        if 'init' in msgs:  # kill the namespace's init first, so that the launcher reaps it: no zombie outlives the run
-            try:  # (only if that pid is still the namespace's: it may have ended and its pid been reused)
-                if os.readlink(f"/proc/{msgs['init']}/ns/pid") == msgs['namespace']: os.kill(msgs['init'], signal.SIGKILL)
-            except OSError: pass
-            try: p.wait(timeout=5)
-            except subprocess.TimeoutExpired: pass
-        try: os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
-        p.wait()
-        buf, msgs = _messages(verdict_r, buf); os.close(verdict_r)
-        if 'namespace' in msgs: _empty_namespace(msgs['namespace'])
-        elif root: _sweep(uid)  # no PID namespace: whatever its uid still runs
+        except subprocess.TimeoutExpired:  # the launcher kills the judge and reaps it: the namespace ends with it
+            timed_out = True; p.terminate()
+            try: code = p.wait(timeout=5)
+            except subprocess.TimeoutExpired: os.killpg(p.pid, signal.SIGKILL); code = p.wait()  # still ours: unreaped
+        _, msgs = _messages(verdict_r, b''); os.close(verdict_r)
+        if root and 'PID namespace' not in msgs.get('protections', []): _sweep(uid)  # whatever its uid still runs
         cap = limits.output_kb << 10
         return timed_out, code, msgs, _read_capped(out, cap), _read_capped(err, cap)
 
