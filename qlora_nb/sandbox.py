@@ -481,15 +481,13 @@ while True: time.sleep(1)''',
 def _processes_of(uid):
     return {int(p.name) for p in Path('/proc').iterdir() if p.name.isdigit() and _owner(p) == uid}
 
-def _traces(mark, before, outside, sentinel):
+def _traces(mark, owner, before, outside, sentinel):
     "What a run left behind or broke: files named `mark`, new processes of the sandbox's user, a damaged `outside`."
     found = []
     for d in ('/tmp', '/dev/shm', '/var/tmp', os.path.expanduser('~'), '/', os.path.dirname(outside)):
         try: found += [f'file {d}/{n}' for n in os.listdir(d) if n.startswith(mark)]
         except OSError: pass
-    time.sleep(0.05)  # the kernel reaps a dead namespace's processes asynchronously
-    uid = SANDBOX_UID if os.geteuid() == 0 else os.getuid()
-    alive = [pid for pid in _processes_of(uid) - before - {os.getpid()} if _state(pid) not in ('Z', None)]
+    alive = [pid for pid in _processes_of(owner) - before - {os.getpid()} if _state(pid) not in ('Z', None)]
     found += [f'process {pid}' for pid in alive]
     if not os.path.exists(outside) or open(outside).read() != 'keep me': found.append(f'{outside} damaged')
     if sentinel.poll() is not None: found.append('a process of the evaluator\'s user was killed')
@@ -500,7 +498,9 @@ def _state(pid):
     except OSError: return None
 
 # %% ../nbs/06a_sandbox.ipynb #6921216e
-def containment_check(limits:Limits=Limits(wall_s=2, cpu_s=2), guard:bool=True) -> list:
+def containment_check(limits:Limits=Limits(wall_s=2, cpu_s=2), guard:bool=True,
+                      uid:int=SANDBOX_UID + 1000, # as root: a uid of its own, so other evaluations are not taken for leftovers
+                     ) -> list:
     "Run every forgery and hostile program here; per program: its result, and what it reached or left behind."
     rows, mark = [], f'qlora_nb_probe_{secrets.token_hex(4)}'
     outdir = tempfile.mkdtemp(prefix='qlora_nb_outside_'); os.chmod(outdir, 0o755)
@@ -511,10 +511,11 @@ def containment_check(limits:Limits=Limits(wall_s=2, cpu_s=2), guard:bool=True) 
         for k, v in HOSTILE.items()]
     try:
         for kind, name, code in programs:
-            before = _processes_of(SANDBOX_UID if os.geteuid() == 0 else os.getuid())
-            r = run_program(code, limits, guard, tests=CHECK, entry_point='f')
+            owner = uid if os.geteuid() == 0 else os.getuid()
+            before = _processes_of(owner)
+            r = run_program(code, limits, guard, uid, tests=CHECK, entry_point='f')
             rows.append({'kind': kind, 'program': name, 'status': r.status, 'detail': r.detail[:70], 'wall_s': r.wall_s,
-                         'escaped': 'ESCAPED' in r.stdout, 'left behind': _traces(mark, before, outside, sentinel),
+                         'escaped': 'ESCAPED' in r.stdout, 'left behind': _traces(mark, owner, before, outside, sentinel),
                          'opaque': r.opaque})
     finally:
         sentinel.kill(); sentinel.wait(); shutil.rmtree(outdir, ignore_errors=True)
