@@ -24,7 +24,7 @@ class Limits:
     output_kb: int = 64  # how much of stdout/stderr is kept in the result
     tmp_mb: int = 64  # size of each private, throw-away tmpfs: /tmp (the program's directory is in it) and /dev/shm
 
-SANDBOX_UID = 61_337  # a uid no account uses: everything it owns is the sandbox's, and is killed after each run
+SANDBOX_UID = 1_999_990_000  # a uid no account uses: far from the ranges distributions and systemd hand out
 
 # %% ../nbs/06a_sandbox.ipynb #0769cdbd
 CONTAINED = ['own process group', 'PID namespace', 'mount namespace', 'read-only filesystem',
