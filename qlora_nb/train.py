@@ -193,7 +193,7 @@ def environment() -> dict:
             'gpu': gpu, 'gpu_memory_gb': torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else None,
             'versions': vers, 'git_commit': commit}
 
-# %% ../nbs/04_training.ipynb #17aa9ab6
+# %% ../nbs/04_training.ipynb #9d3acf68
 def last_complete_checkpoint(run_dir) -> str|None:
     "The newest checkpoint that was written to the end (the trainer writes `trainer_state.json` last)."
     run_dir = Path(run_dir)
