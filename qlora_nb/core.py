@@ -357,7 +357,8 @@ class Run:
 
     @classmethod
     def open(cls, path) -> 'Run':
-        "The run saved under `path`; a clear error when `path` holds no run."
+        "The run saved under `path` (or `path` itself, when it is a `Run`); a clear error when it holds no run."
+        if isinstance(path, Run): return path
         if not (Path(path)/cls.CONFIG).exists(): raise FileNotFoundError(f"{path}: no {cls.CONFIG} (not a run folder)")
         return cls(path)
 
@@ -407,11 +408,12 @@ def report_file(self:Run) -> Path: return self.dir/'report'/'report.html'
 # %% ../nbs/00_core.ipynb #ea77a2a2
 class Study:
     "The folder of a HumanEval study: arms, the adapters' runs, the summary and the plot."
+    ARM_SAMPLES, ARM_RESULTS = 'samples.jsonl', 'results.json'
     def __init__(self, dir): self.dir = Path(dir)
     def __repr__(self): return f'Study({str(self.dir)!r})'
     def arm_dir(self, arm:str) -> Path: return self.dir/arm
-    def arm_samples(self, arm:str) -> Path: return self.dir/arm/'samples.jsonl'
-    def arm_results(self, arm:str) -> Path: return self.dir/arm/'results.json'
+    def arm_samples(self, arm:str) -> Path: return self.dir/arm/self.ARM_SAMPLES
+    def arm_results(self, arm:str) -> Path: return self.dir/arm/self.ARM_RESULTS
     def adapter_run(self, name:str, cfg:RunConfig|None=None) -> Run: return Run(self.dir/'runs'/name, cfg)
     @property
     def summary_file(self) -> Path: return self.dir/'comparison.json'

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MT_QUESTIONS', 'JUDGE_PROMPT', 'response_perplexity', 'rouge_l', 'side_by_side', 'summarize', 'comparison_html',
-           'alpaca_eval_format', 'run_models', 'evaluate_run', 'multi_turn_answers', 'judge_prompt', 'parse_verdict',
-           'local_judge', 'endpoint_judge', 'pairwise_judge', 'judge_run']
+           'alpaca_eval_format', 'run_models', 'eval_generation', 'evaluate_run', 'multi_turn_answers', 'judge_prompt',
+           'parse_verdict', 'local_judge', 'endpoint_judge', 'pairwise_judge', 'judge_run']
 
 # %% ../nbs/05_evaluation.ipynb #8434d064
 import json, math, re
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorForSeq2Seq
 
+from .core import Run
 from .data import build_prompt, response_text
 from .infer import GenerationSettings, generate
 
@@ -71,29 +72,37 @@ def alpaca_eval_format(rows:list, name:str, generator:str) -> list:
     return [{'instruction': r['instruction'], 'output': r[f'{name} output'], 'generator': generator} for r in rows]
 
 # %% ../nbs/05_evaluation.ipynb #6857d4c7
-def run_models(run_dir):
-    "(config, base model, base + the run's final adapter, tokenizer) of a finished run, loaded for generation."
-    from qlora_nb.core import load_config
+def run_models(run):
+    "(run, base model, base + the run's final adapter, tokenizer) of a finished run (a `Run` or its folder)."
     from qlora_nb.infer import load_generator
-    cfg = load_config(Path(run_dir)/'config.yaml')
-    base, tok = load_generator(cfg.model.name)
-    tuned, _ = load_generator(cfg.model.name, str(Path(run_dir)/'final_adapter'))  # a second copy: peft wraps it in place
-    return cfg, base, tuned, tok
+    run = Run.open(run)
+    base, tok = load_generator(run.cfg.model.name)
+    tuned, _ = load_generator(run.cfg.model.name, str(run.adapter_dir))  # a second copy: peft wraps it in place
+    return run, base, tuned, tok
 
-def evaluate_run(run_dir, n_samples:int=8, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
-    "Perplexity (base vs fine-tuned) on the test split and a side-by-side of `n_samples` test examples of a finished run."
+def eval_generation(run:Run) -> GenerationSettings:
+    "The generation settings of a run's evaluation, from `run.cfg.eval`."
+    e = run.cfg.eval
+    return GenerationSettings(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
+
+# %% ../nbs/05_evaluation.ipynb #29ff979c
+def evaluate_run(run) -> dict:
+    "Perplexity (base vs fine-tuned) on the test split, and a side-by-side of `cfg.eval.num_samples` test examples."
     from qlora_nb.data import prepare_data
-    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
+    run, base, tuned, tok = run_models(run)
+    cfg, names = run.cfg, ['base', 'fine-tuned']
     data = prepare_data(cfg, tok)
     test = data.splits['test']
     ppl = {'base': response_perplexity(base, tok, test), 'fine-tuned': response_perplexity(tuned, tok, test)}
-    rows = side_by_side(data.examples['test'].select(range(min(n_samples, len(test)))), {'base': base, 'fine-tuned': tuned}, tok, cfg.data.template, s)
-    out = {'perplexity': ppl, 'summary': summarize(rows, ['base', 'fine-tuned']), 'samples': rows}
-    out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir/'metrics.json').write_text(json.dumps({k: out[k] for k in ('perplexity', 'summary')}, indent=2))
-    (out_dir/'samples.json').write_text(json.dumps(rows, indent=2))
-    (out_dir/'comparison.html').write_text(comparison_html(rows, ['base', 'fine-tuned']))
-    (out_dir/'alpaca_eval_outputs.json').write_text(json.dumps(alpaca_eval_format(rows, 'fine-tuned', f'{cfg.model.name}+{run_dir.name}'), indent=2))
+    examples = data.examples['test'].select(range(min(cfg.eval.num_samples, len(test))))
+    rows = side_by_side(examples, {'base': base, 'fine-tuned': tuned}, tok, cfg.data.template, eval_generation(run))
+    out = {'perplexity': ppl, 'summary': summarize(rows, names), 'samples': rows}
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    run.metrics_file.write_text(json.dumps({k: out[k] for k in ('perplexity', 'summary')}, indent=2))
+    run.samples_file.write_text(json.dumps(rows, indent=2))
+    run.side_by_side_file.write_text(comparison_html(rows, names))
+    outputs = alpaca_eval_format(rows, 'fine-tuned', f'{cfg.model.name}+{run.dir.name}')
+    run.alpaca_eval_file.write_text(json.dumps(outputs, indent=2))
     return out
 
 # %% ../nbs/05_evaluation.ipynb #02c8993c
@@ -189,12 +198,14 @@ def pairwise_judge(base:list, tuned:list, judge) -> dict:
     return {'counts': counts, 'judged': n, 'rates': rates, 'questions': rows}
 
 # %% ../nbs/05_evaluation.ipynb #7b591ca9
-def judge_run(run_dir, judge=None, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
-    "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to eval/judge.json."
-    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
+def judge_run(run, judge=None, questions:list=MT_QUESTIONS) -> dict:
+    "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to its judge file."
+    run, base, tuned, tok = run_models(run)
+    s = eval_generation(run)
     answers = {'base': multi_turn_answers(base, tok, questions, s), 'fine-tuned': multi_turn_answers(tuned, tok, questions, s)}
-    name = 'local:' + cfg.model.name if judge is None else getattr(judge, '__name__', 'custom')
-    res = pairwise_judge(answers['base'], answers['fine-tuned'], judge or local_judge(base, tok)) | {'judge': name, 'answers': answers}
-    out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir/'judge.json').write_text(json.dumps(res, indent=2))
+    name = 'local:' + run.cfg.model.name if judge is None else getattr(judge, '__name__', 'custom')
+    res = pairwise_judge(answers['base'], answers['fine-tuned'], judge or local_judge(base, tok))
+    res |= {'judge': name, 'answers': answers}
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    run.judge_file.write_text(json.dumps(res, indent=2))
     return res
