@@ -42,7 +42,8 @@ def paired_bootstrap(a:dict, b:dict, n_boot:int=10_000, seed:int=0) -> dict:
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
-    return {'diff': float(d.mean()), 'ci': (float(np.quantile(means, .025)), float(np.quantile(means, .975))), 'p_value': float(min(p, 1.0))}
+    ci = (float(np.quantile(means, .025)), float(np.quantile(means, .975)))
+    return {'diff': float(d.mean()), 'ci': ci, 'p_value': float(min(p, 1.0))}
 
 # %% ../nbs/06b_statistics.ipynb #2888eead
 @dataclass
@@ -109,10 +110,11 @@ def compare_arms(arms:dict, k:int=1) -> list:
 def tests_frame(tests:list) -> 'pd.DataFrame':
     "The paired tests as a table, for reading: one row per pair."
     import pandas as pd
-    rows = {f'{t.first} vs {t.second}': {'diff (second − first)': round(t.diff, 4), 'diff 95% CI': f'[{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]',
-                                         'bootstrap p': t.bootstrap_p, 'solved only by first': t.only_first,
-                                         'solved only by second': t.only_second, 'McNemar p': t.mcnemar_p, 'Holm p': t.holm_p}
-            for t in tests}
+    def row(t):
+        return {'diff (second − first)': round(t.diff, 4), 'diff 95% CI': f'[{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]',
+                'bootstrap p': t.bootstrap_p, 'solved only by first': t.only_first, 'solved only by second': t.only_second,
+                'McNemar p': t.mcnemar_p, 'Holm p': t.holm_p}
+    rows = {f'{t.first} vs {t.second}': row(t) for t in tests}
     return pd.DataFrame(rows).T.dropna(axis=1, how='all')
 
 # %% ../nbs/06b_statistics.ipynb #c8dbdb29

@@ -24,7 +24,8 @@ def arm_specs(cfg:RunConfig) -> dict:
     e = cfg.eval
     common = dict(model=cfg.model.name, max_new_tokens=e.humaneval_max_new_tokens, n_folds=cfg.data.n_folds,
                   max_problems=e.humaneval_max_problems)
-    kinds = {'greedy': dict(n=1, temperature=0.0), f'n{e.humaneval_n}': dict(n=e.humaneval_n, temperature=e.humaneval_temperature)}
+    sampled = dict(n=e.humaneval_n, temperature=e.humaneval_temperature)
+    kinds = {'greedy': dict(n=1, temperature=0.0), f'n{e.humaneval_n}': sampled}
     specs = {f'base-{st}-{k}': ArmSpec(style=st, **common, **kw) for st in ('raw', 'chat') for k, kw in kinds.items()}
     for v in ('control', 'experiment'):
         specs |= {f'{v}-fold{f}-{k}': ArmSpec(variant=v, style='chat', fold=f, **common, **kw)
@@ -42,7 +43,8 @@ def train_adapter(cfg:RunConfig) -> Run:
     "The finished run of `cfg`: trained, resumed from its last checkpoint, or reused as it is."
     from qlora_nb.train import train
     run = cfg.run
-    if not (run.adapter_dir/'adapter_config.json').exists(): train(cfg, resume=bool(run.checkpoints) or None, live=False)
+    if not (run.adapter_dir/'adapter_config.json').exists():
+        train(cfg, resume=bool(run.checkpoints) or None, live=False)  # an interrupted one resumes
     return run
 
 # %% ../nbs/06c_study.ipynb #0b233631
@@ -70,7 +72,8 @@ def run_comparison(cfg:RunConfig, study=None, # a `Study` or its folder; default
     return write_summary(comparison_summary(study, cfg.eval.humaneval_n), study)
 
 # %% ../nbs/06c_study.ipynb #738d15bb
-ARM_GROUPS = {'base (raw)': 'base-raw', 'base (chat)': 'base-chat', 'control': 'control-fold', 'experiment': 'experiment-fold'}
+ARM_GROUPS = {'base (raw)': 'base-raw', 'base (chat)': 'base-chat',  # arm -> prefix of its folders
+              'control': 'control-fold', 'experiment': 'experiment-fold'}
 
 def load_arms(study, kind:str='greedy') -> dict:
     "The scored samples of each arm of a study (a `Study` or its folder), 'greedy' or e.g. 'n20', folds joined."
@@ -118,8 +121,8 @@ class ComparisonSummary:
     def arm_rows(self) -> dict:
         "arm -> {column: text}, for a table."
         def cols(a):
-            return ({f'pass@{k} (greedy)': str(e) for k, e in a.greedy.items()}
-                    | {f'pass@{k} (n={self.n}, sampled)': str(e) for k, e in a.sampled.items()} | {'problems': a.problems})
+            greedy = {f'pass@{k} (greedy)': str(e) for k, e in a.greedy.items()}
+            return greedy | {f'pass@{k} (n={self.n}, sampled)': str(e) for k, e in a.sampled.items()} | {'problems': a.problems}
         return {name: cols(a) for name, a in self.arms.items()}
 
 # %% ../nbs/06c_study.ipynb #f9616435
@@ -164,7 +167,8 @@ def summary_from_dict(d:dict) -> ComparisonSummary:
     "A `ComparisonSummary` from its JSON form (or from the display-keyed files written before it existed)."
     if d.get('format') != 2: return _from_display_keys(d)
     tests = lambda ts: [PairedTest(**t | {'ci': tuple(t['ci'])}) for t in ts]
-    arms = {k: ArmSummary(v['problems'], _estimates(v['greedy']), _estimates(v['sampled'])) for k, v in d['arms'].items()}
+    arms = {k: ArmSummary(v['problems'], _estimates(v['greedy']), _estimates(v['sampled']))
+            for k, v in d['arms'].items()}
     h = d.get('hypothesis')
     return ComparisonSummary(d['n'], arms, tests(d['greedy_tests']), tests(d['pass10_tests']),
                              {k: [tuple(x) for x in v] for k, v in d['flips'].items()},
@@ -183,15 +187,16 @@ def _old_arm(row:dict) -> ArmSummary:
     return ArmSummary(next(v for k, v in row.items() if k.startswith('problems')), est['greedy'], est['sampled'])
 
 def _old_test(t:dict, k:int) -> PairedTest:
-    return PairedTest(t['first'], t['second'], k, t['diff (second − first)'], _interval(t['diff 95% CI']), t['bootstrap p'],
-                      t.get('solved only by first'), t.get('solved only by second'), t.get('McNemar p'), t.get('Holm p'))
+    mcnemar = (t.get(c) for c in ('solved only by first', 'solved only by second', 'McNemar p', 'Holm p'))
+    return PairedTest(t['first'], t['second'], k, t['diff (second − first)'], _interval(t['diff 95% CI']),
+                      t['bootstrap p'], *mcnemar)
 
 # %% ../nbs/06c_study.ipynb #11e7079c
 def _from_display_keys(d:dict) -> ComparisonSummary:
     "A summary from a comparison.json keyed by display strings ('pass@10 (n=20, sampled)', 'Holm p'), as before."
     h, names = d.get('hypothesis'), ('control_pass@10', 'experiment_pass@10', 'pass@10_bootstrap_p', 'pass@10_holm_p')
-    hyp = Hypothesis(h['control_pass@1'], h['experiment_pass@1'], h['relative_change'], h['mcnemar_p'],
-                     h.get('mcnemar_holm_p'), tuple(h.get('seed_claim', (0.33, 0.50))), *(h.get(k) for k in names)) if h else None
+    hyp = h and Hypothesis(h['control_pass@1'], h['experiment_pass@1'], h['relative_change'], h['mcnemar_p'],
+                           h.get('mcnemar_holm_p'), tuple(h.get('seed_claim', (0.33, 0.50))), *(h.get(k) for k in names))
     return ComparisonSummary(d['n'], {k: _old_arm(v) for k, v in d['arms'].items()},
                              [_old_test(t, 1) for t in d.get('greedy_tests', {}).values()],
                              [_old_test(t, 10) for t in d.get('pass@10_tests', {}).values()],
@@ -231,10 +236,10 @@ def hypothesis_verdict(h:Hypothesis|None, alpha:float=0.05) -> str:
 def _pass10_verdict(h:Hypothesis, alpha:float) -> str:
     p, q = h.pass10_bootstrap_p, h.pass10_holm_p
     which = 'experiment' if h.experiment_pass10 > h.control_pass10 else 'control'
-    pairs = 'Holm adjustment over the three pairs of arms'
-    tail = (f'{which} is ahead, significant even after {pairs} (p = {q:.3g}).' if q < alpha else
-            f'{which} is ahead: nominally significant (p < {alpha}), but not after {pairs} (p = {q:.3g}).' if p < alpha else
-            f'not significant (Holm-adjusted p = {q:.3g}).')
+    holm = f'Holm adjustment over the three pairs of arms (p = {q:.3g})'
+    if q < alpha: tail = f'{which} is ahead, significant even after {holm}.'
+    elif p < alpha: tail = f'{which} is ahead: nominally significant (p < {alpha}), but not after {holm}.'
+    else: tail = f'not significant (Holm-adjusted p = {q:.3g}).'
     return (f" Secondary, pass@10: control {h.control_pass10:.3f}, experiment {h.experiment_pass10:.3f}; "
             f"paired bootstrap p = {p:.3g}: " + tail)
 
