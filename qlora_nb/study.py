@@ -56,19 +56,21 @@ def run_comparison(cfg:RunConfig, study=None, # a `Study` or its folder; default
     from qlora_nb.infer import load_generator
     study = study if isinstance(study, Study) else Study(study) if study else cfg.run.study
     specs = arm_specs(cfg)
-    def run_arms(prefix, adapter=None):
-        todo = [k for k, s in specs.items() if k.startswith(prefix) and not study.arm_results(k).exists()
-                and (adapter is None or sample_adapters or s.n == 1)]
-        if not todo: return
+    def todo(prefix, adapter=False):  # the arms not evaluated yet
+        return [k for k, s in specs.items() if k.startswith(prefix) and not study.arm_results(k).exists()
+                and (not adapter or sample_adapters or s.n == 1)]
+    def run_arms(names, adapter=None):
+        if not names: return
         model, tok = load_generator(cfg.model.name, adapter)
-        for name in todo:
+        for name in names:
             r = evaluate_arm(replace(specs[name], adapter=adapter), model, tok, study.arm_dir(name), problems,
                              batch_size=batch_size, workers=workers)
             print(f"{name}: " + ', '.join(f'{k} {v:.3f}' for k, v in r.items() if k.startswith('pass@')), flush=True)
-    run_arms('base-')
+    run_arms(todo('base-'))
     for v in ('control', 'experiment'):
-        for f in range(cfg.data.n_folds):
-            run_arms(f'{v}-fold{f}-', str(train_adapter(adapter_config(cfg, study, v, f)).adapter_dir))
+        for f in range(cfg.data.n_folds):  # an adapter is trained only when one of its arms is still to do
+            if names := todo(f'{v}-fold{f}-', adapter=True):
+                run_arms(names, str(train_adapter(adapter_config(cfg, study, v, f)).adapter_dir))
     return write_summary(comparison_summary(study, cfg.eval.humaneval_n), study)
 
 # %% ../nbs/06c_study.ipynb #738d15bb
