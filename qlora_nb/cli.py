@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['QUICK_EVAL', 'config_from_args', 'cmd_config', 'cmd_train', 'cmd_run', 'cmd_prepare_model', 'cmd_package',
-           'cmd_report', 'cmd_generate', 'cmd_chat', 'cmd_humaneval', 'cmd_compare', 'build_parser', 'main']
+           'cmd_report', 'cmd_generate', 'cmd_chat', 'cmd_humaneval', 'build_parser', 'main', 'cmd_compare']
 
 # %% ../nbs/09_cli.ipynb #37d29a19
 import argparse, json, os, sys, tempfile
@@ -74,7 +74,8 @@ def cmd_run(args):
     print('  perplexity: ' + ', '.join(f"{k} {v['perplexity']:.3f}" for k, v in ev['perplexity'].items()))
     if args.judge: judge_run(res.run)
     archive = build_archive(res.run)
-    print(f'package:  {archive} (verified: {verify_archive(archive)["files_checked"]} checksums, adapter loads with plain peft)')
+    checked = verify_archive(archive)['files_checked']
+    print(f'package:  {archive} (verified: {checked} checksums, adapter loads with plain peft)')
     report = write_report(load_artifacts(res.run), res.run.report_file)
     print(f'report:   {report}')
 
@@ -85,11 +86,13 @@ def cmd_package(args):
     if args.target[0] == 'verify':
         if len(args.target) != 2: raise FileNotFoundError('usage: qlora_nb package verify ARCHIVE')
         return print(json.dumps(verify_archive(args.target[1]), indent=2))
-    if args.push_to_hub and (why := hub_ready()): raise ConnectionError(f'cannot push to the Hub: {why}; nothing was done')
+    if args.push_to_hub and (why := hub_ready()):
+        raise ConnectionError(f'cannot push to the Hub: {why}; nothing was done')
     archive = build_archive(args.target[0], args.out, args.name, args.version, args.merged)
     print(f'package: {archive}')
     if args.push_to_hub:
-        with tempfile.TemporaryDirectory() as d: print(push_to_hub(next(extract(archive, d).iterdir()), args.push_to_hub))
+        with tempfile.TemporaryDirectory() as d:
+            print(push_to_hub(next(extract(archive, d).iterdir()), args.push_to_hub))
 
 def cmd_report(args):
     a = load_artifacts(args.run, args.humaneval, args.bench)
@@ -112,7 +115,8 @@ def cmd_chat(args, stdin=None, out=None):
     model, tok = _generator(args)
     s = update_settings(GENERATION_PRESETS[args.preset_gen], **dict(kv.split('=', 1) for kv in args.gen))
     history = []
-    print("chat: type a message; 'settings [key=value ...]' to see or change generation settings, 'reset', 'quit'", file=out)
+    print("chat: type a message; 'settings [key=value ...]' to see or change generation settings, 'reset', 'quit'",
+          file=out)
     for line in stdin:
         line = line.strip()
         if not line: continue
@@ -140,29 +144,18 @@ def cmd_humaneval(args):
     print(json.dumps({k: v for k, v in res.items() if k != 'samples'}, indent=2))
     print(f"samples: {out/Study.ARM_SAMPLES}\nresults: {out/Study.ARM_RESULTS}")
 
-def cmd_compare(args):
-    "The HumanEval study of `06c_study`: adapters per fold, every arm, the summary with its tests, and the plot."
-    from qlora_nb.study import hypothesis_verdict, run_comparison
-    cfg = config_from_args(args, defaults=['output.run_name=compare'])
-    check_gpu_fit(cfg)
-    summary = run_comparison(cfg, batch_size=args.batch_size, workers=args.workers, sample_adapters=not args.greedy_adapters)
-    import pandas as pd
-    print(pd.DataFrame(summary.arm_rows()).T.to_string())
-    print(hypothesis_verdict(summary.hypothesis))
-    print(f"summary: {cfg.run.study.summary_file}\nplot:    {cfg.run.study.plot_file}")
-
 def _gen_options(p):
     p.add_argument('--model', help="base model: 'default', a folder (a merged model too) or a hub id")
     p.add_argument('--adapter', help='a LoRA adapter folder (final_adapter/ of a run)')
     p.add_argument('--no-lora', action='store_true', help='ignore --adapter: the base model alone')
-    p.add_argument('--bits', type=int, default=None, choices=(4, 8, 16), help='load the base in 4, 8 or 16 bits (default: 4 on a GPU, 16 on a CPU)')
+    p.add_argument('--bits', type=int, default=None, choices=(4, 8, 16),
+                   help='load the base in 4, 8 or 16 bits (default: 4 on a GPU, 16 on a CPU)')
     p.add_argument('--preset-gen', default='greedy', choices=list(GENERATION_PRESETS), help='generation preset')
-    p.add_argument('--gen', action='append', default=[], metavar='KEY=VALUE', help='a generation setting, e.g. --gen temperature=0.7')
+    p.add_argument('--gen', action='append', default=[], metavar='KEY=VALUE',
+                   help='a generation setting, e.g. --gen temperature=0.7')
 
 # %% ../nbs/09_cli.ipynb #aafa22b9
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='qlora_nb', description='QLoRA fine-tuning of open LLMs, end to end.')
-    sub = parser.add_subparsers(dest='command', required=True)
+def _train_commands(sub):
     for name, func, help in (('run', cmd_run, 'the main job: prepare the model, fine-tune, evaluate, package, report'),
                              ('train', cmd_train, 'fine-tune with QLoRA as the config says')):
         p = sub.add_parser(name, help=help); _run_options(p); p.set_defaults(func=func)
@@ -170,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the run's latest checkpoint, or from CHECKPOINT")
         p.add_argument('--auto-batch', action='store_true', help='on CUDA out-of-memory, retry with half the batch')
         if name == 'run':
-            p.add_argument('--judge', action='store_true', help='also judge base vs fine-tuned on the two-turn questions')
-    p = sub.add_parser('compare', help="the HumanEval study: control and experiment adapters per fold, every arm, the summary")
+            p.add_argument('--judge', action='store_true', help='also judge base vs fine-tuned on two-turn questions')
+    p = sub.add_parser('compare', help='the HumanEval study: control and experiment adapters per fold, every arm')
     _run_options(p); p.set_defaults(func=cmd_compare)
     p.add_argument('--batch-size', type=int, default=64, help='prompts generated together')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='programs scored side by side')
@@ -179,28 +172,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('config', help='show or save the config that the options describe')
     _run_options(p); p.add_argument('--save', metavar='FILE', help='write it to FILE (.json/.yaml)')
     p.add_argument('--presets', action='store_true', help='list the presets'); p.set_defaults(func=cmd_config)
+
+def _model_commands(sub):
     p = sub.add_parser('generate', help='batch inference: prompts from a JSON file to a results file')
     _gen_options(p); p.add_argument('--input', required=True); p.add_argument('--output', required=True)
-    p.add_argument('--template', default='chat', choices=('chat', 'instruction', 'raw')); p.set_defaults(func=cmd_generate)
+    p.add_argument('--template', default='chat', choices=('chat', 'instruction', 'raw'))
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser('chat', help='talk to a model on the terminal'); _gen_options(p); p.set_defaults(func=cmd_chat)
     p = sub.add_parser('humaneval', help='pass@k of a model (and adapter) on HumanEval, executed in the sandbox')
     _gen_options(p); p.add_argument('--variant', default='control', choices=('control', 'experiment'))
     p.add_argument('--fold', type=int, default=None, help='score only this held-out fold (default: all 164 problems)')
-    p.add_argument('--n', type=int, default=1, help='samples per problem (1: greedy)'); p.add_argument('--temperature', type=float, default=0.8)
-    p.add_argument('--prompt-style', default='raw', choices=('raw', 'chat')); p.add_argument('--max-new-tokens', type=int, default=384)
-    p.add_argument('--output-dir', default='outputs/humaneval-run', help='writes OUTPUT_DIR/humaneval/{samples.jsonl,results.json}')
+    p.add_argument('--n', type=int, default=1, help='samples per problem (1: greedy)')
+    p.add_argument('--temperature', type=float, default=0.8)
+    p.add_argument('--prompt-style', default='raw', choices=('raw', 'chat'))
+    p.add_argument('--max-new-tokens', type=int, default=384)
+    p.add_argument('--output-dir', default='outputs/humaneval-run',
+                   help='writes OUTPUT_DIR/humaneval/{samples.jsonl,results.json}')
     p.set_defaults(func=cmd_humaneval)
-    p = sub.add_parser('package', help="package a run (adapter, metadata, model card); 'package verify ARCHIVE' checks one")
-    p.add_argument('target', nargs='+', metavar='RUN_DIR | verify ARCHIVE'); p.add_argument('--name'); p.add_argument('--version', default='0.1.0')
+
+def _output_commands(sub):
+    p = sub.add_parser('package', help="package a run (adapter, metadata, model card); 'package verify ARCHIVE' "
+                                       'checks one')
+    p.add_argument('target', nargs='+', metavar='RUN_DIR | verify ARCHIVE')
+    p.add_argument('--name'); p.add_argument('--version', default='0.1.0')
     p.add_argument('--merged', action='store_true', help='also merge the adapter into a 16-bit copy of the base')
-    p.add_argument('--out', help='folder of the archive (default RUN_DIR/package)'); p.add_argument('--push-to-hub', metavar='USER/NAME')
+    p.add_argument('--out', help='folder of the archive (default RUN_DIR/package)')
+    p.add_argument('--push-to-hub', metavar='USER/NAME')
     p.set_defaults(func=cmd_package)
     p = sub.add_parser('report', help="write a run's report as one HTML file (and PDF)")
-    p.add_argument('run'); p.add_argument('--humaneval', help='a HumanEval comparison folder'); p.add_argument('--bench', help='a benchmark JSON')
+    p.add_argument('run'); p.add_argument('--humaneval', help='a HumanEval comparison folder')
+    p.add_argument('--bench', help='a benchmark JSON')
     p.add_argument('--out'); p.add_argument('--pdf', action='store_true'); p.set_defaults(func=cmd_report)
     p = sub.add_parser('prepare-model', help='resolve (convert or download) a model and print its folder')
     p.add_argument('name', nargs='?', default='default'); p.add_argument('--revision')
     p.set_defaults(func=cmd_prepare_model)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='qlora_nb', description='QLoRA fine-tuning of open LLMs, end to end.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    for add in (_train_commands, _model_commands, _output_commands): add(sub)
     return parser
 
 # %% ../nbs/09_cli.ipynb #60b10d4e
@@ -212,3 +222,16 @@ def main(argv=None) -> int:
         print(f'qlora_nb {args.command}: error: {e}', file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/09_cli.ipynb #50a465a3
+def cmd_compare(args):
+    "The HumanEval study of `06c_study`: adapters per fold, every arm, the summary with its tests, and the plot."
+    from qlora_nb.study import hypothesis_verdict, run_comparison
+    cfg = config_from_args(args, defaults=['output.run_name=compare'])
+    check_gpu_fit(cfg)
+    summary = run_comparison(cfg, batch_size=args.batch_size, workers=args.workers,
+                             sample_adapters=not args.greedy_adapters)
+    import pandas as pd
+    print(pd.DataFrame(summary.arm_rows()).T.to_string())
+    print(hypothesis_verdict(summary.hypothesis))
+    print(f"summary: {cfg.run.study.summary_file}\nplot:    {cfg.run.study.plot_file}")

@@ -169,20 +169,26 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
             'data.variant': ('control', 'experiment'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
-            'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts', 'polynomial'),
+            'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts',
+                                        'polynomial'),
             'model.size': (None, '7b', '13b', '70b')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
           ('lora.lora_dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
           ('data.max_seq_length', lambda v: v > 0, 'must be > 0'),
-          ('data.split', lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) < 1e-6, 'must be 3 fractions >= 0 that sum to 1'),
+          ('data.split', lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) < 1e-6,
+           'must be 3 fractions >= 0 that sum to 1'),
           ('data.n_folds', lambda v: v >= 2, 'must be >= 2'),
           ('data.max_samples', lambda v: v is None or v > 0, 'must be > 0'),
-          ('train.learning_rate', lambda v: v > 0, 'must be > 0'), ('train.num_train_epochs', lambda v: v > 0, 'must be > 0'),
+          ('train.learning_rate', lambda v: v > 0, 'must be > 0'),
+          ('train.num_train_epochs', lambda v: v > 0, 'must be > 0'),
           ('train.per_device_train_batch_size', lambda v: v >= 1, 'must be >= 1'),
           ('train.gradient_accumulation_steps', lambda v: v >= 1, 'must be >= 1'),
-          ('train.warmup_ratio', lambda v: 0 <= v < 1, 'must be in [0, 1)'), ('train.max_grad_norm', lambda v: v >= 0, 'must be >= 0'),
+          ('train.warmup_ratio', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+          ('train.max_grad_norm', lambda v: v >= 0, 'must be >= 0'),
           ('train.early_stopping_patience', lambda v: v is None or v >= 1, 'must be >= 1'),
-          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]')]
+          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+          ('eval.humaneval_n', lambda v: v >= 1, 'must be >= 1'),
+          ('eval.humaneval_max_problems', lambda v: v is None or v >= 1, 'must be >= 1')]
 
 # %% ../nbs/00_core.ipynb #797e969c
 def _get(cfg, key):
@@ -198,7 +204,8 @@ def validate(cfg:RunConfig) -> RunConfig:
     if not 0 <= cfg.data.fold < cfg.data.n_folds:
         raise ConfigError(f"data.fold: must be in [0, data.n_folds={cfg.data.n_folds}), got {cfg.data.fold}")
     if cfg.train.save_steps % cfg.train.eval_steps:  # the best checkpoint is chosen among evaluated ones
-        raise ConfigError(f"train.save_steps: must be a multiple of train.eval_steps={cfg.train.eval_steps}, got {cfg.train.save_steps}")
+        raise ConfigError(f"train.save_steps: must be a multiple of train.eval_steps={cfg.train.eval_steps}, "
+                          f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
@@ -300,9 +307,12 @@ RUN_PRESETS = {
     'pilot': {'train.max_steps': 100, 'data.train_on_golden_set': True},
 }
 SIZE_PRESETS = {
-    '7b':  {'lora.r': 16, 'lora.lora_alpha': 32, 'train.per_device_train_batch_size': 4, 'train.gradient_accumulation_steps': 4},
-    '13b': {'lora.r': 32, 'lora.lora_alpha': 64, 'train.per_device_train_batch_size': 2, 'train.gradient_accumulation_steps': 8},
-    '70b': {'lora.r': 64, 'lora.lora_alpha': 128, 'train.per_device_train_batch_size': 1, 'train.gradient_accumulation_steps': 16},
+    '7b':  {'lora.r': 16, 'lora.lora_alpha': 32,
+            'train.per_device_train_batch_size': 4, 'train.gradient_accumulation_steps': 4},
+    '13b': {'lora.r': 32, 'lora.lora_alpha': 64,
+            'train.per_device_train_batch_size': 2, 'train.gradient_accumulation_steps': 8},
+    '70b': {'lora.r': 64, 'lora.lora_alpha': 128,
+            'train.per_device_train_batch_size': 1, 'train.gradient_accumulation_steps': 16},
 }
 MIN_GPU_GB = {'7b': 16, '13b': 24, '70b': 80}  # the seeds' hardware table
 
