@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['QUICK_EVAL', 'config_from_args', 'cmd_config', 'cmd_train', 'cmd_run', 'cmd_prepare_model', 'cmd_package',
-           'cmd_report', 'cmd_generate', 'cmd_chat', 'cmd_humaneval', 'build_parser', 'main', 'cmd_compare']
+           'cmd_report', 'cmd_compare', 'cmd_generate', 'cmd_chat', 'cmd_humaneval', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #37d29a19
 import argparse, json, os, sys, tempfile
@@ -99,6 +99,19 @@ def cmd_report(args):
     path = write_report(a, args.out or a['run'].report_file)
     print(f'report: {path}')
     if args.pdf: print(f'pdf:    {report_pdf(path) or "no Chromium installed: no PDF"}')
+
+# %% ../nbs/09_cli.ipynb #50a465a3
+def cmd_compare(args):
+    "The HumanEval study of `06c_study`: adapters per fold, every arm, the summary with its tests, and the plot."
+    from qlora_nb.study import hypothesis_verdict, run_comparison
+    cfg = config_from_args(args, defaults=['output.run_name=compare'])
+    check_gpu_fit(cfg)
+    summary = run_comparison(cfg, batch_size=args.batch_size, workers=args.workers,
+                             sample_adapters=not args.greedy_adapters)
+    import pandas as pd
+    print(pd.DataFrame(summary.arm_rows()).T.to_string())
+    print(hypothesis_verdict(summary.hypothesis))
+    print(f"summary: {cfg.run.study.summary_file}\nplot:    {cfg.run.study.plot_file}")
 
 # %% ../nbs/09_cli.ipynb #974d25f8
 def _generator(args):
@@ -222,16 +235,3 @@ def main(argv=None) -> int:
         print(f'qlora_nb {args.command}: error: {e}', file=sys.stderr)
         return 2
     return 0
-
-# %% ../nbs/09_cli.ipynb #50a465a3
-def cmd_compare(args):
-    "The HumanEval study of `06c_study`: adapters per fold, every arm, the summary with its tests, and the plot."
-    from qlora_nb.study import hypothesis_verdict, run_comparison
-    cfg = config_from_args(args, defaults=['output.run_name=compare'])
-    check_gpu_fit(cfg)
-    summary = run_comparison(cfg, batch_size=args.batch_size, workers=args.workers,
-                             sample_adapters=not args.greedy_adapters)
-    import pandas as pd
-    print(pd.DataFrame(summary.arm_rows()).T.to_string())
-    print(hypothesis_verdict(summary.hypothesis))
-    print(f"summary: {cfg.run.study.summary_file}\nplot:    {cfg.run.study.plot_file}")
