@@ -108,12 +108,15 @@ def _from_hub(repo_id:str, revision=None) -> Path:
     try:
         if not _hub_reachable(): raise ConnectionError('the Hugging Face Hub cannot be reached (offline)')
         has_st = any(f.endswith('.safetensors') for f in list_repo_files(repo_id, revision=revision))
-        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=_SKIP + (['*.bin'] if has_st else [])))
+        skip = _SKIP + (['*.bin'] if has_st else [])
+        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=skip))
     except Exception as e:
         raise ModelNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not fetch {repo_id!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Without a network, download it elsewhere and pass its local folder instead (--model /path/to/model, "
-            f"a folder with config.json and the weights), or use 'default' for the embedded SmolLM2-135M-Instruct.") from None
+            f"a folder with config.json and the weights), or use 'default' for the embedded "
+            f"SmolLM2-135M-Instruct.") from None
 
 # %% ../nbs/00a_weights.ipynb #5b72b576
 def resolve_model(name:str='default', # 'default', a local folder, a .gguf file, or a hub id
