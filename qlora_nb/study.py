@@ -93,6 +93,7 @@ class ArmSummary:
     greedy: dict
     sampled: dict
 
+# %% ../nbs/06c_study.ipynb #8823258a
 @dataclass
 class Hypothesis:
     "The seed's claim (metadata raises greedy pass@1 by 33–50%) against what was measured; pass@10 secondary."
