@@ -48,12 +48,13 @@ def train_adapter(cfg:RunConfig) -> Run:
     return run
 
 # %% ../nbs/06c_study.ipynb #0b233631
-def run_comparison(cfg:RunConfig, study=None, # a `Study` or its folder; default: the run's `humaneval/`
+def run_comparison(cfg:RunConfig|Run, study=None, # a `Study` or its folder; default: the run's `humaneval/`
                    problems=None, batch_size:int=64, workers:int=os.cpu_count(),
                    sample_adapters:bool=True, # also the n-sample arms of the adapters (pass@10); greedy ones always
                   ) -> 'ComparisonSummary':
     "Train the adapters and evaluate every arm of `cfg`'s study; write and return its summary and plot."
     from qlora_nb.infer import load_generator
+    cfg = cfg.cfg if isinstance(cfg, Run) else cfg  # a run's study uses the run's own config
     study = study if isinstance(study, Study) else Study(study) if study else cfg.run.study
     specs = arm_specs(cfg)
     def todo(prefix, adapter=False):  # the arms not evaluated yet
