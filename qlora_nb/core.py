@@ -186,7 +186,8 @@ _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda
           ('train.warmup_ratio', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
           ('train.max_grad_norm', lambda v: v >= 0, 'must be >= 0'),
           ('train.early_stopping_patience', lambda v: v is None or v >= 1, 'must be >= 1'),
-          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'),
+          ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
           ('eval.humaneval_n', lambda v: v >= 1, 'must be >= 1'),
           ('eval.humaneval_max_problems', lambda v: v is None or v >= 1, 'must be >= 1')]
 

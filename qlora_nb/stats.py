@@ -112,8 +112,8 @@ def tests_frame(tests:list) -> 'pd.DataFrame':
     import pandas as pd
     def row(t):
         return {'diff (second − first)': round(t.diff, 4), 'diff 95% CI': f'[{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]',
-                'bootstrap p': t.bootstrap_p, 'solved only by first': t.only_first, 'solved only by second': t.only_second,
-                'McNemar p': t.mcnemar_p, 'Holm p': t.holm_p}
+                'bootstrap p': t.bootstrap_p, 'solved only by first': t.only_first,
+                'solved only by second': t.only_second, 'McNemar p': t.mcnemar_p, 'Holm p': t.holm_p}
     rows = {f'{t.first} vs {t.second}': row(t) for t in tests}
     return pd.DataFrame(rows).T.dropna(axis=1, how='all')
 

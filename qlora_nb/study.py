@@ -126,7 +126,8 @@ class ComparisonSummary:
         "arm -> {column: text}, for a table."
         def cols(a):
             greedy = {f'pass@{k} (greedy)': str(e) for k, e in a.greedy.items()}
-            return greedy | {f'pass@{k} (n={self.n}, sampled)': str(e) for k, e in a.sampled.items()} | {'problems': a.problems}
+            sampled = {f'pass@{k} (n={self.n}, sampled)': str(e) for k, e in a.sampled.items()}
+            return greedy | sampled | {'problems': a.problems}
         return {name: cols(a) for name, a in self.arms.items()}
 
 # %% ../nbs/06c_study.ipynb #f9616435
@@ -199,8 +200,9 @@ def _old_test(t:dict, k:int) -> PairedTest:
 def _from_display_keys(d:dict) -> ComparisonSummary:
     "A summary from a comparison.json keyed by display strings ('pass@10 (n=20, sampled)', 'Holm p'), as before."
     h, names = d.get('hypothesis'), ('control_pass@10', 'experiment_pass@10', 'pass@10_bootstrap_p', 'pass@10_holm_p')
+    claim = tuple(h.get('seed_claim', (0.33, 0.50))) if h else None
     hyp = h and Hypothesis(h['control_pass@1'], h['experiment_pass@1'], h['relative_change'], h['mcnemar_p'],
-                           h.get('mcnemar_holm_p'), tuple(h.get('seed_claim', (0.33, 0.50))), *(h.get(k) for k in names))
+                           h.get('mcnemar_holm_p'), claim, *(h.get(k) for k in names))
     return ComparisonSummary(d['n'], {k: _old_arm(v) for k, v in d['arms'].items()},
                              [_old_test(t, 1) for t in d.get('greedy_tests', {}).values()],
                              [_old_test(t, 10) for t in d.get('pass@10_tests', {}).values()],

@@ -168,7 +168,8 @@ def _oom_advice(cfg, step):
     return (f"CUDA ran out of memory at step {step}. Try, in this order: "
             f"--set train.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} "
             f"--set train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same effective batch); "
-            f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; or rerun with --auto-batch.")
+            f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; "
+            "or rerun with --auto-batch.")
 
 # %% ../nbs/04_training.ipynb #dfd7112c
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
