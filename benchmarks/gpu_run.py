@@ -22,31 +22,36 @@ def phase_main(work):
     from qlora_nb.train import train, write_json, environment
     from qlora_nb.evaluate import evaluate_run, judge_run
     cfg = load_config(overrides=[f'output.output_dir={work}', 'output.run_name=main', 'train.logging_steps=1',
-                                 'train.eval_steps=5', 'train.save_steps=10'])
-    run = cfg.run_dir
+                                 'train.eval_steps=5', 'train.save_steps=10', 'eval.num_samples=16'])
+    run = cfg.run
     write_json(work/'environment.json', environment())
     t = time.time()
-    if not (run/'run_summary.json').exists(): train(cfg, live=False)
-    if not (run/'eval'/'metrics.json').exists(): evaluate_run(run, n_samples=16)
-    if not (run/'eval'/'judge.json').exists(): judge_run(run)
+    if not run.summary_file.exists(): train(cfg, live=False)
+    if not run.metrics_file.exists(): evaluate_run(run)
+    if not run.judge_file.exists(): judge_run(run)
     return {'main_s': time.time() - t}
 
 
 def phase_compare(work, n, batch_size, sample_adapters=True):
-    from qlora_nb.humaneval import run_comparison
+    "The study of `qlora_nb compare`, into WORK/humaneval (the layout of the committed results)."
+    from qlora_nb.core import Study, load_config
+    from qlora_nb.study import run_comparison
     t = time.time()
-    run_comparison(work/'humaneval', n=n, batch_size=batch_size, workers=os.cpu_count(), sample_adapters=sample_adapters)
+    cfg = load_config(overrides=[f'eval.humaneval_n={n}'])
+    run_comparison(cfg, Study(work/'humaneval'), batch_size=batch_size, workers=os.cpu_count(), sample_adapters=sample_adapters)
     return {'compare_s': time.time() - t}
 
 
 def phase_repro(work):
     "Greedy base arms again, with the batch size of the first run, to check they are identical run to run."
-    from qlora_nb.humaneval import arm_specs, evaluate_arm
+    from qlora_nb.core import RunConfig, Study
+    from qlora_nb.humaneval import evaluate_arm
+    from qlora_nb.study import arm_specs
     from qlora_nb.infer import load_generator
-    t, m = time.time(), load_generator('default')
+    t, m, study = time.time(), load_generator('default'), Study(work/'humaneval-repro')
     for name in ('base-chat-greedy', 'base-raw-greedy'):
-        if not (work/'humaneval-repro'/name/'results.json').exists():
-            evaluate_arm(arm_specs()[name], *m, work/'humaneval-repro'/name, batch_size=160, workers=os.cpu_count())
+        if not study.arm_results(name).exists():
+            evaluate_arm(arm_specs(RunConfig())[name], *m, study.arm_dir(name), batch_size=160, workers=os.cpu_count())
     return {'repro_s': time.time() - t}
 
 
@@ -62,7 +67,9 @@ def keep(path:Path) -> bool:
     "Results worth bringing back: not checkpoints, not the TensorBoard logs."
     if any(p.startswith('checkpoint-') or p == 'logs' for p in path.parts): return False
     # the comparison's adapters stay behind: only their training summaries come back
-    return not (path.parts[:2] == ('humaneval', 'runs') and path.name not in ('run_summary.json', 'training_history.json', 'config.yaml'))
+    from qlora_nb.core import Run
+    kept = (Run.SUMMARY, Run.HISTORY, Run.CONFIG)
+    return not (path.parts[:2] == ('humaneval', 'runs') and path.name not in kept)
 
 
 def pack(work:Path, dest:Path, limit=15_000_000):

@@ -6,7 +6,7 @@
 __all__ = ['CPU_DTYPE_ENV', 'RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolve_compute_dtype', 'ModelSettings',
            'QuantSettings', 'LoraSettings', 'DataSettings', 'TrainSettings', 'EvalSettings', 'OutputSettings',
            'RunConfig', 'ConfigError', 'validate', 'read_config', 'apply_overrides', 'presets_table', 'load_config',
-           'check_gpu_fit']
+           'check_gpu_fit', 'Run', 'Study']
 
 # %% ../nbs/00_core.ipynb #ae088bfa
 import difflib, json, os, types, warnings
@@ -116,11 +116,13 @@ class TrainSettings:
 @dataclass
 class EvalSettings:
     "Generation and scoring after training."
-    num_samples: int = 50  # test examples compared side by side
-    max_new_tokens: int = 256
+    num_samples: int = 8  # test examples compared side by side
+    max_new_tokens: int = 200  # side-by-side answers and the judged conversations
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     humaneval_n: int = 20  # samples per problem for pass@k
+    humaneval_max_new_tokens: int = 384  # a HumanEval completion
+    humaneval_max_problems: Optional[int] = None  # a quick check: the first N problems of each fold
     humaneval_temperature: float = 0.8
 
 @dataclass
@@ -183,21 +185,28 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
             'data.variant': ('control', 'experiment'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
-            'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts', 'polynomial'),
+            'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts',
+                                        'polynomial'),
             'model.size': (None, '7b', '13b', '70b'),
             'train.gradient_checkpointing': (True, False, 'auto'), 'train.liger': (True, False, 'auto')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
           ('lora.lora_dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
           ('data.max_seq_length', lambda v: v > 0, 'must be > 0'),
-          ('data.split', lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) < 1e-6, 'must be 3 fractions >= 0 that sum to 1'),
+          ('data.split', lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) < 1e-6,
+           'must be 3 fractions >= 0 that sum to 1'),
           ('data.n_folds', lambda v: v >= 2, 'must be >= 2'),
           ('data.max_samples', lambda v: v is None or v > 0, 'must be > 0'),
-          ('train.learning_rate', lambda v: v > 0, 'must be > 0'), ('train.num_train_epochs', lambda v: v > 0, 'must be > 0'),
+          ('train.learning_rate', lambda v: v > 0, 'must be > 0'),
+          ('train.num_train_epochs', lambda v: v > 0, 'must be > 0'),
           ('train.per_device_train_batch_size', lambda v: v >= 1, 'must be >= 1'),
           ('train.gradient_accumulation_steps', lambda v: v >= 1, 'must be >= 1'),
-          ('train.warmup_ratio', lambda v: 0 <= v < 1, 'must be in [0, 1)'), ('train.max_grad_norm', lambda v: v >= 0, 'must be >= 0'),
+          ('train.warmup_ratio', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+          ('train.max_grad_norm', lambda v: v >= 0, 'must be >= 0'),
           ('train.early_stopping_patience', lambda v: v is None or v >= 1, 'must be >= 1'),
-          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'), ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]')]
+          ('eval.temperature', lambda v: v >= 0, 'must be >= 0'),
+          ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+          ('eval.humaneval_n', lambda v: v >= 1, 'must be >= 1'),
+          ('eval.humaneval_max_problems', lambda v: v is None or v >= 1, 'must be >= 1')]
 
 # %% ../nbs/00_core.ipynb #797e969c
 def _get(cfg, key):
@@ -213,7 +222,8 @@ def validate(cfg:RunConfig) -> RunConfig:
     if not 0 <= cfg.data.fold < cfg.data.n_folds:
         raise ConfigError(f"data.fold: must be in [0, data.n_folds={cfg.data.n_folds}), got {cfg.data.fold}")
     if cfg.train.save_steps % cfg.train.eval_steps:  # the best checkpoint is chosen among evaluated ones
-        raise ConfigError(f"train.save_steps: must be a multiple of train.eval_steps={cfg.train.eval_steps}, got {cfg.train.save_steps}")
+        raise ConfigError(f"train.save_steps: must be a multiple of train.eval_steps={cfg.train.eval_steps}, "
+                          f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
@@ -308,15 +318,19 @@ def apply_overrides(cfg:RunConfig, overrides:list[str]) -> RunConfig:
 # %% ../nbs/00_core.ipynb #8728f33b
 RUN_PRESETS = {
     'stage1': {'data.max_samples': 5, 'train.num_train_epochs': 1, 'train.per_device_train_batch_size': 1,
-               'train.gradient_accumulation_steps': 1},
+               'train.gradient_accumulation_steps': 1, 'eval.humaneval_n': 2, 'eval.humaneval_max_new_tokens': 32,
+               'eval.humaneval_max_problems': 3},
     'stage4': {'data.max_samples': None, 'train.num_train_epochs': 3, 'train.per_device_train_batch_size': 1,
                'train.gradient_accumulation_steps': 4},
     'pilot': {'train.max_steps': 100, 'data.train_on_golden_set': True},
 }
 SIZE_PRESETS = {
-    '7b':  {'lora.r': 16, 'lora.lora_alpha': 32, 'train.per_device_train_batch_size': 4, 'train.gradient_accumulation_steps': 4},
-    '13b': {'lora.r': 32, 'lora.lora_alpha': 64, 'train.per_device_train_batch_size': 2, 'train.gradient_accumulation_steps': 8},
-    '70b': {'lora.r': 64, 'lora.lora_alpha': 128, 'train.per_device_train_batch_size': 1, 'train.gradient_accumulation_steps': 16},
+    '7b':  {'lora.r': 16, 'lora.lora_alpha': 32,
+            'train.per_device_train_batch_size': 4, 'train.gradient_accumulation_steps': 4},
+    '13b': {'lora.r': 32, 'lora.lora_alpha': 64,
+            'train.per_device_train_batch_size': 2, 'train.gradient_accumulation_steps': 8},
+    '70b': {'lora.r': 64, 'lora.lora_alpha': 128,
+            'train.per_device_train_batch_size': 1, 'train.gradient_accumulation_steps': 16},
 }
 MIN_GPU_GB = {'7b': 16, '13b': 24, '70b': 80}  # the seeds' hardware table
 
@@ -361,3 +375,94 @@ def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
 def run_dir(self:RunConfig) -> Path:
     "The folder of this run's outputs: `output_dir/run_name`."
     return Path(self.output.output_dir)/self.output.run_name
+
+# %% ../nbs/00_core.ipynb #efa91cd5
+class Run:
+    "A run's folder and its typed `RunConfig` (read from the folder when not given)."
+    CONFIG, SUMMARY, HISTORY, LOG = 'config.yaml', 'run_summary.json', 'training_history.json', 'training.log'
+    def __init__(self, dir, cfg:RunConfig|None=None): self.dir, self._cfg = Path(dir), cfg
+    def __repr__(self): return f'Run({str(self.dir)!r})'
+
+    @classmethod
+    def open(cls, path) -> 'Run':
+        "The run saved under `path` (or `path` itself, when it is a `Run`); a clear error when it holds no run."
+        if isinstance(path, Run): return path
+        if not (Path(path)/cls.CONFIG).exists(): raise FileNotFoundError(f"{path}: no {cls.CONFIG} (not a run folder)")
+        return cls(path)
+
+    @property
+    def cfg(self) -> RunConfig:
+        if self._cfg is None: self._cfg = read_config(self.config_file)
+        return self._cfg
+
+# %% ../nbs/00_core.ipynb #a10dd11e
+@patch(as_prop=True)
+def config_file(self:Run) -> Path: return self.dir/self.CONFIG
+@patch(as_prop=True)
+def summary_file(self:Run) -> Path: return self.dir/self.SUMMARY
+@patch(as_prop=True)
+def history_file(self:Run) -> Path: return self.dir/self.HISTORY
+@patch(as_prop=True)
+def log_file(self:Run) -> Path: return self.dir/self.LOG
+@patch(as_prop=True)
+def curves_file(self:Run) -> Path: return self.dir/'training_curves.png'
+@patch(as_prop=True)
+def logs_dir(self:Run) -> Path: return self.dir/'logs'  # TensorBoard
+@patch(as_prop=True)
+def adapter_dir(self:Run) -> Path: return self.dir/'final_adapter'
+@patch(as_prop=True)
+def checkpoints(self:Run) -> list[Path]:
+    "The checkpoint folders, oldest first."
+    return sorted(self.dir.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[-1]))
+
+# %% ../nbs/00_core.ipynb #0806a73e
+@patch(as_prop=True)
+def eval_dir(self:Run) -> Path: return self.dir/'eval'
+@patch(as_prop=True)
+def metrics_file(self:Run) -> Path: return self.eval_dir/'metrics.json'
+@patch(as_prop=True)
+def samples_file(self:Run) -> Path: return self.eval_dir/'samples.json'
+@patch(as_prop=True)
+def side_by_side_file(self:Run) -> Path: return self.eval_dir/'comparison.html'
+@patch(as_prop=True)
+def alpaca_eval_file(self:Run) -> Path: return self.eval_dir/'alpaca_eval_outputs.json'
+@patch(as_prop=True)
+def judge_file(self:Run) -> Path: return self.eval_dir/'judge.json'
+@patch(as_prop=True)
+def package_dir(self:Run) -> Path: return self.dir/'package'
+@patch(as_prop=True)
+def report_file(self:Run) -> Path: return self.dir/'report'/'report.html'
+
+# %% ../nbs/00_core.ipynb #ea77a2a2
+class Study:
+    "The folder of a HumanEval study: arms, the adapters' runs, the summary and the plot."
+    ARM_SAMPLES, ARM_RESULTS = 'samples.jsonl', 'results.json'
+    def __init__(self, dir): self.dir = Path(dir)
+    def __repr__(self): return f'Study({str(self.dir)!r})'
+    def arm_dir(self, arm:str) -> Path: return self.dir/arm
+    def arm_samples(self, arm:str) -> Path: return self.dir/arm/self.ARM_SAMPLES
+    def arm_results(self, arm:str) -> Path: return self.dir/arm/self.ARM_RESULTS
+    def adapter_run(self, name:str, cfg:RunConfig|None=None) -> Run: return Run(self.dir/'runs'/name, cfg)
+    @property
+    def summary_file(self) -> Path: return self.dir/'comparison.json'
+    @property
+    def plot_file(self) -> Path: return self.dir/'passk.png'
+
+@patch(as_prop=True)
+def study(self:Run) -> Study: return Study(self.dir/'humaneval')
+
+# %% ../nbs/00_core.ipynb #7bf441b7
+@patch(as_prop=True)
+def run(self:RunConfig) -> Run:
+    "The `Run` this config writes to: `Run(cfg.run_dir, cfg)`."
+    return Run(self.run_dir, self)
+
+@patch
+def read_summary(self:Run) -> dict|None:
+    "The run's summary (`None` before training has finished)."
+    return json.loads(self.summary_file.read_text()) if self.summary_file.exists() else None
+
+@patch
+def read_history(self:Run) -> list:
+    "The training log history (empty before the first log)."
+    return json.loads(self.history_file.read_text()) if self.history_file.exists() else []

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MT_QUESTIONS', 'JUDGE_PROMPT', 'response_perplexity', 'rouge_l', 'side_by_side', 'summarize', 'comparison_html',
-           'alpaca_eval_format', 'run_models', 'evaluate_run', 'multi_turn_answers', 'judge_prompt', 'parse_verdict',
-           'local_judge', 'endpoint_judge', 'pairwise_judge', 'judge_run']
+           'alpaca_eval_format', 'run_models', 'eval_generation', 'evaluate_run', 'multi_turn_answers', 'judge_prompt',
+           'parse_verdict', 'local_judge', 'endpoint_judge', 'pairwise_judge', 'judge_run']
 
 # %% ../nbs/05_evaluation.ipynb #8434d064
 import json, math, re
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorForSeq2Seq
 
+from .core import Run
 from .data import build_prompt, response_text
 from .infer import GenerationSettings, generate
 
@@ -41,11 +42,13 @@ def rouge_l(preds:list, refs:list) -> list:
     sc = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
     return [sc.score(r, p)['rougeL'].fmeasure for p, r in zip(preds, refs)]
 
-def side_by_side(examples, models:dict, tok, template:str='chat', s:GenerationSettings=GenerationSettings(max_new_tokens=256)) -> list:
-    "Rows of {instruction, reference, <name> output, <name> rougeL} for normalized `examples` and `models` (name -> model)."
+def side_by_side(examples, models:dict, tok, template:str='chat',
+                 s:GenerationSettings=GenerationSettings(max_new_tokens=256)) -> list:
+    "Rows of {instruction, reference, <name> output, <name> rougeL} for normalized `examples` and `models`."
     prompts = [build_prompt(r, tok, template) for r in examples]
     refs = [response_text(r, template) for r in examples]
-    rows = [{'id': r['id'], 'instruction': r['messages'][-1]['content'], 'reference': ref} for r, ref in zip(examples, refs)]
+    rows = [{'id': r['id'], 'instruction': r['messages'][-1]['content'], 'reference': ref}
+            for r, ref in zip(examples, refs)]
     for name, m in models.items():
         outs = generate(m, tok, prompts, s, add_special_tokens=template != 'chat')
         for row, o, rl in zip(rows, outs, rouge_l(outs, refs)): row |= {f'{name} output': o, f'{name} rougeL': rl}
@@ -62,8 +65,8 @@ def comparison_html(rows:list, names) -> str:
     import html
     head = ''.join(f'<th>{h}</th>' for h in ['instruction', 'reference', *[f'{n} (ROUGE-L)' for n in names]])
     cell = lambda t: f'<td style="vertical-align:top;white-space:pre-wrap;text-align:left">{html.escape(t)}</td>'
-    body = ''.join('<tr>' + cell(r['instruction']) + cell(r['reference']) +
-                   ''.join(cell(f"{r[f'{n} output']}\n({r[f'{n} rougeL']:.2f})") for n in names) + '</tr>' for r in rows)
+    outputs = lambda r: ''.join(cell(f"{r[f'{n} output']}\n({r[f'{n} rougeL']:.2f})") for n in names)
+    body = ''.join('<tr>' + cell(r['instruction']) + cell(r['reference']) + outputs(r) + '</tr>' for r in rows)
     return f'<table><tr>{head}</tr>{body}</table>'
 
 def alpaca_eval_format(rows:list, name:str, generator:str) -> list:
@@ -71,49 +74,82 @@ def alpaca_eval_format(rows:list, name:str, generator:str) -> list:
     return [{'instruction': r['instruction'], 'output': r[f'{name} output'], 'generator': generator} for r in rows]
 
 # %% ../nbs/05_evaluation.ipynb #6857d4c7
-def run_models(run_dir):
-    "(config, base model, base + the run's final adapter, tokenizer) of a finished run, loaded for generation."
-    from qlora_nb.core import load_config
+def run_models(run):
+    "(run, base model, base + the run's final adapter, tokenizer) of a finished run (a `Run` or its folder)."
     from qlora_nb.infer import load_generator
-    cfg = load_config(Path(run_dir)/'config.yaml')
-    base, tok = load_generator(cfg.model.name)
-    tuned, _ = load_generator(cfg.model.name, str(Path(run_dir)/'final_adapter'))  # a second copy: peft wraps it in place
-    return cfg, base, tuned, tok
+    run = Run.open(run)
+    base, tok = load_generator(run.cfg.model.name)
+    tuned, _ = load_generator(run.cfg.model.name, str(run.adapter_dir))  # a second copy: peft wraps it in place
+    return run, base, tuned, tok
 
-def evaluate_run(run_dir, n_samples:int=8, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
-    "Perplexity (base vs fine-tuned) on the test split and a side-by-side of `n_samples` test examples of a finished run."
+def eval_generation(run:Run) -> GenerationSettings:
+    "The generation settings of a run's evaluation, from `run.cfg.eval`."
+    e = run.cfg.eval
+    return GenerationSettings(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
+
+# %% ../nbs/05_evaluation.ipynb #29ff979c
+def evaluate_run(run) -> dict:
+    "Perplexity (base vs fine-tuned) on the test split, and a side-by-side of `cfg.eval.num_samples` test examples."
     from qlora_nb.data import prepare_data
-    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
+    run, base, tuned, tok = run_models(run)
+    cfg, names = run.cfg, ['base', 'fine-tuned']
     data = prepare_data(cfg, tok)
     test = data.splits['test']
     ppl = {'base': response_perplexity(base, tok, test), 'fine-tuned': response_perplexity(tuned, tok, test)}
-    rows = side_by_side(data.examples['test'].select(range(min(n_samples, len(test)))), {'base': base, 'fine-tuned': tuned}, tok, cfg.data.template, s)
-    out = {'perplexity': ppl, 'summary': summarize(rows, ['base', 'fine-tuned']), 'samples': rows}
-    out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir/'metrics.json').write_text(json.dumps({k: out[k] for k in ('perplexity', 'summary')}, indent=2))
-    (out_dir/'samples.json').write_text(json.dumps(rows, indent=2))
-    (out_dir/'comparison.html').write_text(comparison_html(rows, ['base', 'fine-tuned']))
-    (out_dir/'alpaca_eval_outputs.json').write_text(json.dumps(alpaca_eval_format(rows, 'fine-tuned', f'{cfg.model.name}+{run_dir.name}'), indent=2))
+    examples = data.examples['test'].select(range(min(cfg.eval.num_samples, len(test))))
+    rows = side_by_side(examples, {'base': base, 'fine-tuned': tuned}, tok, cfg.data.template, eval_generation(run))
+    out = {'perplexity': ppl, 'summary': summarize(rows, names), 'samples': rows}
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    run.metrics_file.write_text(json.dumps({k: out[k] for k in ('perplexity', 'summary')}, indent=2))
+    run.samples_file.write_text(json.dumps(rows, indent=2))
+    run.side_by_side_file.write_text(comparison_html(rows, names))
+    outputs = alpaca_eval_format(rows, 'fine-tuned', f'{cfg.model.name}+{run.dir.name}')
+    run.alpaca_eval_file.write_text(json.dumps(outputs, indent=2))
     return out
 
 # %% ../nbs/05_evaluation.ipynb #02c8993c
 MT_QUESTIONS = [
-    {'id': 'writing-1', 'category': 'writing', 'turns': ["Write a four-line poem about a lighthouse keeper who has never seen the sea by day.", "Rewrite your poem so that every line starts with the letter S."]},
-    {'id': 'writing-2', 'category': 'writing', 'turns': ["Draft a short email asking a colleague to review a pull request by Friday.", "Make the email half as long and more friendly."]},
-    {'id': 'reasoning-1', 'category': 'reasoning', 'turns': ["Anna is older than Ben. Ben is older than Cara. Is Cara older than Anna? Explain.", "Now Dan is younger than Cara. Who is the second oldest of the four?"]},
-    {'id': 'reasoning-2', 'category': 'reasoning', 'turns': ["A box has 3 red and 2 blue balls. Without looking, how many must I take to be sure of two of the same colour?", "And to be sure of two blue balls?"]},
-    {'id': 'coding-1', 'category': 'coding', 'turns': ["Write a Python function that returns the second largest distinct number in a list, or None.", "Add a docstring and two doctest examples to your function."]},
-    {'id': 'coding-2', 'category': 'coding', 'turns': ["Explain what this does: `sorted(d.items(), key=lambda kv: -kv[1])[:3]`", "Rewrite it with heapq and say when that is faster."]},
-    {'id': 'math-1', 'category': 'math', 'turns': ["What is the sum of the integers from 1 to 200?", "And the sum of the odd integers among them?"]},
-    {'id': 'math-2', 'category': 'math', 'turns': ["A train travels 180 km in 2.5 hours. What is its average speed?", "At that speed, how long does 300 km take, in hours and minutes?"]},
-    {'id': 'roleplay-1', 'category': 'roleplay', 'turns': ["You are a museum guide. Introduce a 2,000-year-old Roman coin to a group of children.", "A child asks why the emperor's face is on it. Answer in character."]},
-    {'id': 'roleplay-2', 'category': 'roleplay', 'turns': ["Play a ship's cook telling the captain that the flour ran out.", "The captain is angry. Calm them down, still in character."]},
-    {'id': 'extraction-1', 'category': 'extraction', 'turns': ["From 'Order 4471 shipped on 3 May to Lyon; 2 items, total 58.40 EUR', extract order id, date, city and total as JSON.", "Now add a field with the total in cents as an integer."]},
-    {'id': 'extraction-2', 'category': 'extraction', 'turns': ["List every person named in: 'Maria met Tom at noon; later Tom called Priya, who emailed Maria.'", "For each person, say how many times they are mentioned."]},
+    {'id': 'writing-1', 'category': 'writing', 'turns': [
+        'Write a four-line poem about a lighthouse keeper who has never seen the sea by day.',
+        'Rewrite your poem so that every line starts with the letter S.']},
+    {'id': 'writing-2', 'category': 'writing', 'turns': [
+        'Draft a short email asking a colleague to review a pull request by Friday.',
+        'Make the email half as long and more friendly.']},
+    {'id': 'reasoning-1', 'category': 'reasoning', 'turns': [
+        'Anna is older than Ben. Ben is older than Cara. Is Cara older than Anna? Explain.',
+        'Now Dan is younger than Cara. Who is the second oldest of the four?']},
+    {'id': 'reasoning-2', 'category': 'reasoning', 'turns': [
+        'A box has 3 red and 2 blue balls. Without looking, how many must I take to be sure of two of the same colour?',
+        'And to be sure of two blue balls?']},
+    {'id': 'coding-1', 'category': 'coding', 'turns': [
+        'Write a Python function that returns the second largest distinct number in a list, or None.',
+        'Add a docstring and two doctest examples to your function.']},
+    {'id': 'coding-2', 'category': 'coding', 'turns': [
+        'Explain what this does: `sorted(d.items(), key=lambda kv: -kv[1])[:3]`',
+        'Rewrite it with heapq and say when that is faster.']},
+    {'id': 'math-1', 'category': 'math', 'turns': [
+        'What is the sum of the integers from 1 to 200?',
+        'And the sum of the odd integers among them?']},
+    {'id': 'math-2', 'category': 'math', 'turns': [
+        'A train travels 180 km in 2.5 hours. What is its average speed?',
+        'At that speed, how long does 300 km take, in hours and minutes?']},
+    {'id': 'roleplay-1', 'category': 'roleplay', 'turns': [
+        'You are a museum guide. Introduce a 2,000-year-old Roman coin to a group of children.',
+        "A child asks why the emperor's face is on it. Answer in character."]},
+    {'id': 'roleplay-2', 'category': 'roleplay', 'turns': [
+        "Play a ship's cook telling the captain that the flour ran out.",
+        'The captain is angry. Calm them down, still in character.']},
+    {'id': 'extraction-1', 'category': 'extraction', 'turns': [
+        "From 'Order 4471 shipped on 3 May to Lyon; 2 items, total 58.40 EUR', extract order id, date, city and total as JSON.",
+        'Now add a field with the total in cents as an integer.']},
+    {'id': 'extraction-2', 'category': 'extraction', 'turns': [
+        "List every person named in: 'Maria met Tom at noon; later Tom called Priya, who emailed Maria.'",
+        'For each person, say how many times they are mentioned.']},
 ]
 
 # %% ../nbs/05_evaluation.ipynb #3cab0679
-def multi_turn_answers(model, tok, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200)) -> list:
+def multi_turn_answers(model, tok, questions:list=MT_QUESTIONS,
+                       s:GenerationSettings=GenerationSettings(max_new_tokens=200)) -> list:
     "Per question, the model's answer to each turn, every turn conditioned on its own earlier answers."
     convs = [[] for _ in questions]
     for t in range(max(len(q['turns']) for q in questions)):
@@ -124,16 +160,11 @@ def multi_turn_answers(model, tok, questions:list=MT_QUESTIONS, s:GenerationSett
     return [{'id': q['id'], 'category': q['category'], 'messages': c} for q, c in zip(questions, convs)]
 
 # %% ../nbs/05_evaluation.ipynb #55440de5
-JUDGE_PROMPT = """Please act as an impartial judge and compare two AI assistants' answers to the user's conversation below. Judge helpfulness, correctness and relevance of the final answer. Do not let the order of the answers, their length or the assistants' names influence you. Reply with your verdict only: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.
-
-[Conversation]
-{conversation}
-
-[Assistant A's final answer]
-{a}
-
-[Assistant B's final answer]
-{b}"""
+JUDGE_PROMPT = ("Please act as an impartial judge and compare two AI assistants' answers to the user's conversation "
+                'below. Judge helpfulness, correctness and relevance of the final answer. Do not let the order of the'
+                ' answers, their length or the assistants\' names influence you. Reply with your verdict only: "[[A]]"'
+                ' if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.'
+                "\n\n[Conversation]\n{conversation}\n\n[Assistant A's final answer]\n{a}\n\n[Assistant B's final answer]\n{b}")
 
 def judge_prompt(messages:list, a:str, b:str) -> str:
     "The pairwise judging prompt for the conversation before the answers and answers `a` and `b`."
@@ -154,16 +185,20 @@ def local_judge(model, tok, max_new_tokens:int=8):
     return judge
 
 def endpoint_judge(url:str|None=None, model:str|None=None, key:str|None=None, timeout:float=60):
-    "A judge behind an OpenAI-compatible /chat/completions endpoint (arguments default to the QLORA_NB_JUDGE_* environment)."
+    "A judge behind an OpenAI-compatible /chat/completions endpoint (arguments default to QLORA_NB_JUDGE_*)."
     import os, urllib.request
-    url = url or os.environ.get('QLORA_NB_JUDGE_URL'); model = model or os.environ.get('QLORA_NB_JUDGE_MODEL', 'gpt-4o-mini')
+    url = url or os.environ.get('QLORA_NB_JUDGE_URL')
+    model = model or os.environ.get('QLORA_NB_JUDGE_MODEL', 'gpt-4o-mini')
     key = key or os.environ.get('QLORA_NB_JUDGE_KEY') or os.environ.get('OPENAI_API_KEY')
     if not url: raise ValueError("endpoint judge: set QLORA_NB_JUDGE_URL (e.g. https://api.openai.com/v1) or pass url=")
     if not key: raise ValueError("endpoint judge: set QLORA_NB_JUDGE_KEY or OPENAI_API_KEY, or pass key=")
     def judge(prompt:str) -> str:
-        body = json.dumps({'model': model, 'temperature': 0, 'messages': [{'role': 'user', 'content': prompt}]}).encode()
-        req = urllib.request.Request(url.rstrip('/') + '/chat/completions', body, {'Content-Type': 'application/json', 'Authorization': f'Bearer {key}'})
-        with urllib.request.urlopen(req, timeout=timeout) as r: return json.loads(r.read())['choices'][0]['message']['content']
+        messages = [{'role': 'user', 'content': prompt}]
+        body = json.dumps({'model': model, 'temperature': 0, 'messages': messages}).encode()
+        headers = {'Content-Type': 'application/json', 'Authorization': f'Bearer {key}'}
+        req = urllib.request.Request(url.rstrip('/') + '/chat/completions', body, headers)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())['choices'][0]['message']['content']
     return judge
 
 # %% ../nbs/05_evaluation.ipynb #ee34b865
@@ -174,7 +209,7 @@ def _outcome(first, second):
     return 'win' if score > 0 else 'loss' if score < 0 else 'tie'
 
 def pairwise_judge(base:list, tuned:list, judge) -> dict:
-    "Judge each question's final answers of `tuned` vs `base` (from `multi_turn_answers`) in both orders; rates and details."
+    "Judge each question's final answers of `tuned` vs `base` (`multi_turn_answers`) in both orders; rates, details."
     from scipy.stats import binomtest
     rows = []
     for b, t in zip(base, tuned):
@@ -185,16 +220,19 @@ def pairwise_judge(base:list, tuned:list, judge) -> dict:
                      'outcome': _outcome(v1, v2), 'raw': [r1, r2]})
     counts = {k: sum(r['outcome'] == k for r in rows) for k in ('win', 'tie', 'loss', 'unparsed')}
     n = counts['win'] + counts['tie'] + counts['loss']
-    rates = {k: {'rate': counts[k] / n, 'ci95': list(binomtest(counts[k], n).proportion_ci(method='wilson'))} for k in ('win', 'tie', 'loss')} if n else {}
+    wilson = lambda k: list(binomtest(counts[k], n).proportion_ci(method='wilson'))
+    rates = {k: {'rate': counts[k] / n, 'ci95': wilson(k)} for k in ('win', 'tie', 'loss')} if n else {}
     return {'counts': counts, 'judged': n, 'rates': rates, 'questions': rows}
 
 # %% ../nbs/05_evaluation.ipynb #7b591ca9
-def judge_run(run_dir, judge=None, questions:list=MT_QUESTIONS, s:GenerationSettings=GenerationSettings(max_new_tokens=200), out_dir=None) -> dict:
-    "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to eval/judge.json."
-    run_dir = Path(run_dir); cfg, base, tuned, tok = run_models(run_dir)
-    answers = {'base': multi_turn_answers(base, tok, questions, s), 'fine-tuned': multi_turn_answers(tuned, tok, questions, s)}
-    name = 'local:' + cfg.model.name if judge is None else getattr(judge, '__name__', 'custom')
-    res = pairwise_judge(answers['base'], answers['fine-tuned'], judge or local_judge(base, tok)) | {'judge': name, 'answers': answers}
-    out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir/'judge.json').write_text(json.dumps(res, indent=2))
+def judge_run(run, judge=None, questions:list=MT_QUESTIONS) -> dict:
+    "MT-Bench-style answers of the base and fine-tuned models of a run, judged in pairs; written to its judge file."
+    run, base, tuned, tok = run_models(run)
+    s = eval_generation(run)
+    answers = {name: multi_turn_answers(m, tok, questions, s) for name, m in (('base', base), ('fine-tuned', tuned))}
+    name = 'local:' + run.cfg.model.name if judge is None else getattr(judge, '__name__', 'custom')
+    res = pairwise_judge(answers['base'], answers['fine-tuned'], judge or local_judge(base, tok))
+    res |= {'judge': name, 'answers': answers}
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    run.judge_file.write_text(json.dumps(res, indent=2))
     return res

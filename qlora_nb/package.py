@@ -15,14 +15,15 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .weights import resolve_model
+from .core import Run, Study
+from .weights import hub_unavailable, resolve_model
 
 # %% ../nbs/07_packaging.ipynb #0f5e7a4b
 ADAPTER_FILES = ('adapter_config.json', 'adapter_model.safetensors')
 
-def export_adapter(run_dir, dest) -> Path:
-    "Copy the run's final adapter (peft files, tokenizer, chat template) to `dest`."
-    src, dest = Path(run_dir)/'final_adapter', Path(dest)
+def export_adapter(run, dest) -> Path:
+    "Copy the final adapter (peft files, tokenizer, chat template) of `run` (a `Run` or its folder) to `dest`."
+    src, dest = (run if isinstance(run, Run) else Run(run)).adapter_dir, Path(dest)
     missing = [f for f in ADAPTER_FILES if not (src/f).exists()]
     if missing: raise FileNotFoundError(f"{src}: not a finished run's adapter (missing {', '.join(missing)})")
     shutil.copytree(src, dest, dirs_exist_ok=True)
@@ -114,18 +115,20 @@ def sha256(path) -> str:
 def _read_json(p): return json.loads(Path(p).read_text()) if Path(p).exists() else None
 
 # %% ../nbs/07_packaging.ipynb #1ee1defc
-def run_metadata(run_dir) -> dict:
-    "What a run was and what it measured, from its own files."
-    run_dir = Path(run_dir); cfg = yaml.safe_load((run_dir/'config.yaml').read_text())
-    summary = _read_json(run_dir/'run_summary.json') or {}
-    he = run_dir/'humaneval'
-    return {'base_model': cfg['model']['name'], 'base_fingerprint': base_fingerprint(cfg['model']['name']),
-            'quantization': cfg['quant'], 'lora': cfg['lora'],
-            'data': {**cfg['data'], 'train_examples': summary.get('train_examples')}, 'training': cfg['train'],
-            'final_metrics': {k: summary.get(k) for k in ('global_step', 'first_train_loss', 'final_train_loss', 'best_eval_loss', 'final_eval_perplexity', 'wall_time_s', 'tokens_seen', 'peak_memory')},
-            'evaluation': _read_json(run_dir/'eval'/'metrics.json'),
-            'judge': {k: v for k, v in (_read_json(run_dir/'eval'/'judge.json') or {}).items() if k in ('judge', 'counts', 'rates')} or None,
-            'humaneval': _read_json(he/'comparison.json') or _read_json(he/'results.json'),
+def run_metadata(run) -> dict:
+    "What a run (a `Run` or its folder) was and what it measured, from its own files."
+    from dataclasses import asdict
+    run = Run.open(run); cfg, summary = run.cfg, run.read_summary() or {}
+    judge = _read_json(run.judge_file) or {}
+    metrics = ('global_step', 'first_train_loss', 'final_train_loss', 'best_eval_loss', 'final_eval_perplexity',
+               'wall_time_s', 'tokens_seen', 'peak_memory')
+    return {'base_model': cfg.model.name, 'base_fingerprint': base_fingerprint(cfg.model.name),
+            'quantization': asdict(cfg.quant), 'lora': asdict(cfg.lora),
+            'data': asdict(cfg.data) | {'train_examples': summary.get('train_examples')}, 'training': asdict(cfg.train),
+            'final_metrics': {k: summary.get(k) for k in metrics},
+            'evaluation': _read_json(run.metrics_file),
+            'judge': {k: v for k, v in judge.items() if k in ('judge', 'counts', 'rates')} or None,
+            'humaneval': _read_json(run.study.summary_file) or _read_json(run.study.dir/Study.ARM_RESULTS),
             'environment': summary.get('environment')}
 
 # %% ../nbs/07_packaging.ipynb #6fc6b8c7
@@ -150,12 +153,12 @@ def model_card(meta:dict, name:str, version:str) -> str:
 # %% ../nbs/07_packaging.ipynb #3c985823
 def build_archive(run_dir, out_dir=None, name:str|None=None, version:str='0.1.0', merged:bool=False) -> Path:
     "`<name>-<version>.tar.gz` of a run: adapter (+ merged model), metadata.json with checksums, README.md, requirements.txt."
-    run_dir = Path(run_dir); name = name or run_dir.name
-    out_dir = Path(out_dir or run_dir/'package'); out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run.open(run_dir); name = name or run.dir.name
+    out_dir = Path(out_dir or run.package_dir); out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)/f'{name}-{version}'
-        export_adapter(run_dir, stage/'adapter')
-        meta = run_metadata(run_dir)
+        export_adapter(run, stage/'adapter')
+        meta = run_metadata(run)
         cfg = json.loads((stage/'adapter'/'adapter_config.json').read_text())  # the fingerprint travels with the adapter
         (stage/'adapter'/'adapter_config.json').write_text(json.dumps(cfg | {'qlora_nb_base_fingerprint': meta['base_fingerprint']}, indent=2))
         if merged: merge_adapter(stage/'adapter', meta['base_model'], stage/'merged')
@@ -202,12 +205,10 @@ def verify_archive(archive, base=None) -> dict:
 
 # %% ../nbs/07_packaging.ipynb #155c3df2
 def hub_ready(timeout:float=3.0) -> str|None:
-    "None when a Hub token is set and huggingface.co answers; otherwise why not."
+    "None when a Hub token is set and the Hub answers (`weights.hub_unavailable` decides that); otherwise why not."
     from huggingface_hub import get_token
-    if os.environ.get('HF_HUB_OFFLINE') == '1': return 'HF_HUB_OFFLINE=1 is set'
+    if why := hub_unavailable(timeout): return why
     if not get_token(): return 'no Hugging Face token: run `huggingface-cli login` or set HF_TOKEN'
-    try: socket.create_connection(('huggingface.co', 443), timeout=timeout).close()
-    except OSError as e: return f'huggingface.co is not reachable from this machine ({e.__class__.__name__})'
     return None
 
 def push_to_hub(folder, repo_id:str, private:bool=True) -> str:

@@ -11,20 +11,21 @@ __all__ = ['SECTIONS', 'CSS', 'load_artifacts', 'dataset_section', 'implementati
 import base64, html, io, json
 from pathlib import Path
 
-import yaml
+from .core import Run, Study
 
 # %% ../nbs/08_report.ipynb #7049b0ba
 def _json(p): return json.loads(Path(p).read_text()) if p and Path(p).exists() else None
 
-def load_artifacts(run_dir, humaneval_dir=None, bench=None, extra=None) -> dict:
-    "Everything a report needs, from a run folder (and optionally a HumanEval comparison folder and a benchmark JSON)."
-    run_dir = Path(run_dir)
-    if not (run_dir/'run_summary.json').exists(): raise FileNotFoundError(f"{run_dir}: no run_summary.json (not a finished run)")
-    he = Path(humaneval_dir) if humaneval_dir else run_dir/'humaneval'
-    return {'run_dir': run_dir, 'config': yaml.safe_load((run_dir/'config.yaml').read_text()), 'summary': _json(run_dir/'run_summary.json'),
-            'history': _json(run_dir/'training_history.json') or [], 'metrics': _json(run_dir/'eval'/'metrics.json'),
-            'samples': _json(run_dir/'eval'/'samples.json'), 'judge': _json(run_dir/'eval'/'judge.json'),
-            'humaneval': _json(he/'comparison.json'), 'humaneval_dir': he, 'bench': _json(bench), 'extra': extra or {}}
+def load_artifacts(run, humaneval_dir=None, bench=None, extra=None) -> dict:
+    "Everything a report needs, from a run (a `Run` or its folder), a HumanEval study folder and a benchmark JSON."
+    from qlora_nb.study import read_summary
+    run = run if isinstance(run, Run) else Run(run)
+    if not run.summary_file.exists(): raise FileNotFoundError(f"{run.dir}: no {run.SUMMARY} (not a finished run)")
+    study = Study(humaneval_dir) if humaneval_dir else run.study
+    return {'run': run, 'run_dir': run.dir, 'config': run.cfg, 'summary': run.read_summary(),
+            'history': run.read_history(), 'metrics': _json(run.metrics_file), 'samples': _json(run.samples_file),
+            'judge': _json(run.judge_file), 'humaneval': read_summary(study), 'study': study,
+            'bench': _json(bench), 'extra': extra or {}}
 
 # %% ../nbs/08_report.ipynb #af4fefae
 def _table(rows:dict, cols) -> str:
@@ -33,100 +34,151 @@ def _table(rows:dict, cols) -> str:
     return '\n'.join([f"| | {' | '.join(cols)} |", '|---' * (len(cols) + 1) + '|'] +
                      [f"| {k} | {' | '.join(fmt(r.get(c)) for c in cols)} |" for k, r in rows.items()]) + '\n'
 
+def _values(d:dict) -> dict: return {k: {'value': v} for k, v in d.items()}
+
 def dataset_section(a) -> str:
     "Sources, split, template and a formatted example."
-    d, s = a['config']['data'], a['summary']
-    src = f"HumanEval, **{d['variant']}** variant, fold {d['fold']} of {d['n_folds']} held out" if d['source'] == 'humaneval' else f"`{d['source']}`"
+    d, s = a['config'].data, a['summary']
+    src = (f"HumanEval, **{d.variant}** variant, fold {d.fold} of {d.n_folds} held out" if d.source == 'humaneval'
+           else f"`{d.source}`")
     ex = a['samples'][0] if a.get('samples') else None
-    return (f"## Dataset\n\nSource: {src} (task-level split, seed {d['seed']}). Template: `{d['template']}`; max sequence length {d['max_seq_length']}; "
-            f"loss on the response tokens only. Training examples: **{s['train_examples']}**.\n\n"
-            + (f"A formatted test example (instruction, then reference answer):\n\n~~~~~~\n{ex['instruction'][:600]}\n~~~~~~\n\n~~~~~~\n{ex['reference'][:600]}\n~~~~~~\n" if ex else ''))
+    fence = lambda text: f"~~~~~~\n{text[:600]}\n~~~~~~\n"
+    example = (f"A formatted test example (instruction, then reference answer):\n\n{fence(ex['instruction'])}\n"
+               f"{fence(ex['reference'])}") if ex else ''
+    return (f"## Dataset\n\nSource: {src} (task-level split, seed {d.seed}). Template: `{d.template}`; "
+            f"max sequence length {d.max_seq_length}; "
+            f"loss on the response tokens only. Training examples: **{s['train_examples']}**.\n\n" + example)
 
 def implementation_section(a) -> str:
     "Model, quantization, LoRA, optimisation and library versions."
     c, env = a['config'], (a['summary'].get('environment') or {})
-    q, l, t = c['quant'], c['lora'], c['train']
-    rows = {'base model': {'value': f"{c['model']['name']} ({Path(a['summary'].get('base_model_path') or '').name})"},
-            'quantization': {'value': f"{q['bits']}-bit {q['quant_type']}, double quant {q['double_quant']}, compute {q['compute_dtype']}"},
-            'LoRA': {'value': f"r={l['r']}, alpha={l['lora_alpha']}, dropout={l['lora_dropout']}, targets {l['target_modules']}"},
-            'optimisation': {'value': f"{t['optim']}, lr {t['learning_rate']} ({t['lr_scheduler_type']}), batch {t['per_device_train_batch_size']} x accumulation {t['gradient_accumulation_steps']}, {t['num_train_epochs']} epochs, seed {t['seed']}"},
-            'libraries': {'value': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}}
-    return '## Implementation\n\n' + _table(rows, ['value'])
+    q, l, t = c.quant, c.lora, c.train
+    rows = {'base model': f"{c.model.name} ({Path(a['summary'].get('base_model_path') or '').name})",
+            'quantization': f"{q.bits}-bit {q.quant_type}, double quant {q.double_quant}, compute {q.compute_dtype}",
+            'LoRA': f"r={l.r}, alpha={l.lora_alpha}, dropout={l.lora_dropout}, targets {l.target_modules}",
+            'optimisation': f"{t.optim}, lr {t.learning_rate} ({t.lr_scheduler_type}), batch "
+                            f"{t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps}, "
+                            f"{t.num_train_epochs} epochs, seed {t.seed}",
+            'libraries': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}
+    return '## Implementation\n\n' + _table(_values(rows), ['value'])
 
 # %% ../nbs/08_report.ipynb #2eb6f094
 def training_section(a) -> str:
     "Steps, losses, time, throughput and peak memory, with the curves."
     s, h = a['summary'], a['history']
-    tps = [x['tokens_per_s'] for x in h if 'tokens_per_s' in x]
-    peak = s.get('peak_memory') or {}
-    rows = {'steps': {'value': s['global_step']}, 'epochs': {'value': s['epochs']}, 'first train loss': {'value': s['first_train_loss']},
-            'final train loss': {'value': s['final_train_loss']}, 'best validation loss': {'value': s['best_eval_loss']},
-            'final validation perplexity': {'value': s['final_eval_perplexity']}, 'wall time (s)': {'value': s['wall_time_s']},
-            'tokens seen': {'value': s['tokens_seen']}, 'median tokens/s': {'value': sorted(tps)[len(tps) // 2] if tps else None},
-            **{f'peak memory ({k})': {'value': v} for k, v in peak.items()}}
-    return '## Training\n\n' + _table(rows, ['value']) + '\n![Training curves](training_curves.png)\n'
+    tps = sorted(x['tokens_per_s'] for x in h if 'tokens_per_s' in x)
+    rows = {'steps': s['global_step'], 'epochs': s['epochs'], 'first train loss': s['first_train_loss'],
+            'final train loss': s['final_train_loss'], 'best validation loss': s['best_eval_loss'],
+            'final validation perplexity': s['final_eval_perplexity'], 'wall time (s)': s['wall_time_s'],
+            'tokens seen': s['tokens_seen'], 'median tokens/s': tps[len(tps) // 2] if tps else None,
+            **{f'peak memory ({k})': v for k, v in (s.get('peak_memory') or {}).items()}}
+    return '## Training\n\n' + _table(_values(rows), ['value']) + '\n![Training curves](training_curves.png)\n'
 
 def evaluation_section(a) -> str:
     "Perplexity base vs fine-tuned, ROUGE-L, judged win rate."
     m, j = a['metrics'], a['judge']
     if not m: return '## Evaluation\n\nThis run has no `eval/metrics.json`: run `evaluate_run` on it.\n'
-    out = '## Evaluation\n\nLoss and perplexity over the response tokens of the held-out test split:\n\n' + _table(m['perplexity'], ['loss', 'perplexity', 'tokens'])
-    out += f"\nROUGE-L against the reference on {len(a['samples'] or [])} test examples, and answer length:\n\n" + _table(m['summary'], ['rougeL', 'mean words'])
+    out = ('## Evaluation\n\nLoss and perplexity over the response tokens of the held-out test split:\n\n'
+           + _table(m['perplexity'], ['loss', 'perplexity', 'tokens']))
+    out += (f"\nROUGE-L against the reference on {len(a['samples'] or [])} test examples, and answer length:\n\n"
+            + _table(m['summary'], ['rougeL', 'mean words']))
     if j:
-        r = {k: {'rate': v['rate'], '95% CI': f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"} for k, v in j['rates'].items()}
-        out += (f"\nPairwise judging of fine-tuned vs base on {len(j['questions'])} two-turn questions, both answer orders (judge: `{j['judge']}`): "
-                f"{j['judged']} judged, **{j['counts']['unparsed']} unparsed** (left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
+        ci = lambda v: f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+        r = {k: {'rate': v['rate'], '95% CI': ci(v)} for k, v in j['rates'].items()}
+        out += (f"\nPairwise judging of fine-tuned vs base on {len(j['questions'])} two-turn questions, both answer "
+                f"orders (judge: `{j['judge']}`): {j['judged']} judged, **{j['counts']['unparsed']} unparsed** "
+                "(left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
     return out
 
 # %% ../nbs/08_report.ipynb #0188cb92
+def _test_rows(tests:list, p:str) -> dict:
+    "Paired tests as Markdown-table rows: the difference, its interval, the test's p and the Holm-adjusted p."
+    def row(t):
+        return {'diff (second − first)': t.diff, 'diff 95% CI': f'[{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]',
+                p: t.mcnemar_p if p == 'McNemar p' else t.bootstrap_p, 'Holm p': t.holm_p}
+    return {f'{t.first} vs {t.second}': row(t) for t in tests}
+
+def _tests_table(tests:list, p:str) -> str:
+    return _table(_test_rows(tests, p), ['diff (second − first)', 'diff 95% CI', p, 'Holm p'])
+
 def humaneval_section(a) -> str:
     "pass@k per arm with intervals, paired tests, the verdict on the seed hypothesis."
     h = a['humaneval']
     if not h: return '## HumanEval\n\nNo HumanEval comparison for this run.\n'
-    from qlora_nb.humaneval import hypothesis_verdict
-    cols = [c for c in next(iter(h['arms'].values())) if not c.startswith('problems')]
-    out = ('## HumanEval\n\nEach fine-tuned arm is scored on the held-out fold of its training split (both folds, so every problem once); '
-           'the base model on all 164 problems. Greedy decoding for pass@1; n samples at T=0.8 for pass@k.\n\n' + _table(h['arms'], cols))
-    if h.get('greedy_tests'):
+    from qlora_nb.study import hypothesis_verdict
+    rows = h.arm_rows()
+    cols = [c for c in next(iter(rows.values())) if c != 'problems']
+    out = ('## HumanEval\n\nEach fine-tuned arm is scored on the held-out fold of its training split (both folds, so '
+           'every problem once); the base model on all problems. Greedy decoding for pass@1; '
+           f'n = {h.n} samples per problem for pass@k. Each cell: pass@k [95% interval].\n\n' + _table(rows, cols))
+    if h.greedy_tests:
         out += ('\nPaired tests, greedy pass@1 (McNemar exact; Holm-adjusted over the pairs):\n\n'
-                + _table(h['greedy_tests'], ['diff (second − first)', 'diff 95% CI', 'McNemar p', 'Holm p']))
-    if h.get('pass@10_tests'):
+                + _tests_table(h.greedy_tests, 'McNemar p'))
+    if h.pass10_tests:
         out += ('\nPaired tests, pass@10 (paired bootstrap over problems; Holm-adjusted over the pairs):\n\n'
-                + _table(h['pass@10_tests'], ['diff (second − first)', 'diff 95% CI', 'bootstrap p', 'Holm p']))
-    return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h) + '\n'
+                + _tests_table(h.pass10_tests, 'bootstrap p'))
+    return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h.hypothesis) + '\n'
 
 def hardware_section(a) -> str:
     "Machine, versions, wall times and the benchmark ratios."
     env = a['summary'].get('environment') or {}
-    rows = {'GPU': {'value': env.get('gpu') or 'none (CPU)'}, 'GPU memory (GB)': {'value': env.get('gpu_memory_gb')},
-            'CPU cores': {'value': env.get('cpu_count')}, 'Python': {'value': env.get('python')}, 'platform': {'value': env.get('platform')},
-            'qlora_nb commit': {'value': env.get('git_commit')},
-            **{f'wall time: {k}': {'value': v} for k, v in (a['extra'].get('wall_times') or {}).items()}}
-    out = '## Hardware and runtime\n\n' + _table(rows, ['value'])
+    rows = {'GPU': env.get('gpu') or 'none (CPU)', 'GPU memory (GB)': env.get('gpu_memory_gb'),
+            'CPU cores': env.get('cpu_count'), 'Python': env.get('python'), 'platform': env.get('platform'),
+            'qlora_nb commit': env.get('git_commit'),
+            **{f'wall time: {k}': v for k, v in (a['extra'].get('wall_times') or {}).items()}}
+    out = '## Hardware and runtime\n\n' + _table(_values(rows), ['value'])
     if a.get('bench'):
         r = {k: {**v, 'GPU': a['bench']['environment']['gpu']} for k, v in a['bench']['ratios'].items()}
-        out += '\nTraining speed against the seeds\' recipe (`benchmarks/bench.py`, same GPU, same run; ratios qlora_nb / baseline):\n\n' + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU'])
+        out += ("\nTraining speed against the seeds' recipe (`benchmarks/bench.py`, same GPU, same run; "
+                'ratios qlora_nb / baseline):\n\n'
+                + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU']))
     return out
 
 # %% ../nbs/08_report.ipynb #6dd5c413
+def _model_name(a) -> str:
+    "The run's base model as the report names it: its folder's name (e.g. SmolLM2-135M-Instruct), else its name."
+    return Path(a['summary'].get('base_model_path') or a['config'].model.name).name
+
+def _judge_caveat(a) -> str:
+    "What the report says about the judge the run actually used."
+    j = a['judge']
+    if not j: return 'no judged comparison was run'
+    if j['judge'].startswith('local:'):
+        return ('the local judge is the base model itself, a weak and possibly self-preferring judge, which is why '
+                'unparsed judgments are reported rather than guessed')
+    return f"the judge is `{j['judge']}`; unparsed judgments are reported rather than guessed"
+
+def _humaneval_point(hy, model:str) -> str:
+    out = (f"On HumanEval the greedy pass@1 of control and experiment ({hy.control_pass1:.3f} vs "
+           f"{hy.experiment_pass1:.3f}) has McNemar p = {hy.mcnemar_p:.2f}")
+    if max(hy.control_pass1, hy.experiment_pass1) < 0.1:
+        return out + (f": {model} solves too few problems for this comparison to have power. The seed's +33–50% "
+                      "is neither supported nor refuted here; a model that solves more problems, such as the "
+                      "seed's 8B, is needed.")
+    return out + '.'
+
 def discussion_section(a) -> str:
-    "What the numbers mean and what they cannot show, chosen by the numbers."
-    s, m, h = a['summary'], a['metrics'], a['humaneval']
+    "What the numbers mean and what they cannot show, chosen by the numbers and the run's own model and judge."
+    m, h, model = a['metrics'], a['humaneval'], _model_name(a)
     pts = []
     if m:
         b, f = m['perplexity']['base']['perplexity'], m['perplexity']['fine-tuned']['perplexity']
-        pts.append(f"Held-out response perplexity went from {b:.3f} to {f:.3f} ({'better' if f < b else 'worse'}): the adapter learned the style and content of the training answers.")
+        pts.append(f"Held-out response perplexity went from {b:.3f} to {f:.3f} ({'better' if f < b else 'worse'}): "
+                   "the adapter learned the style and content of the training answers.")
         rb, rf = m['summary']['base']['rougeL'], m['summary']['fine-tuned']['rougeL']
-        if rf > rb: pts.append(f"ROUGE-L rose from {rb:.2f} to {rf:.2f}, but much of that is format: the references repeat the prompt's signature in a code block, a shape the fine-tuned model copies. It is not evidence of correct code.")
-    if h and h.get('hypothesis'):
-        hy = h['hypothesis']
-        pts.append(f"On HumanEval the greedy pass@1 of control and experiment ({hy['control_pass@1']:.3f} vs {hy['experiment_pass@1']:.3f}) differ by a handful of problems "
-                   f"(McNemar p = {hy['mcnemar_p']:.2f}): a 135M-parameter model solves too few problems for this comparison to have power. The seed's +33–50% is neither supported nor refuted here; an 8B model, as in the seed, is needed.")
-    pts += ["Threats to validity: one seed and one split per arm; HumanEval has 164 problems, so a difference of a few problems is noise; the local judge is the base model itself, a weak and possibly self-preferring judge, which is why unparsed judgments are reported rather than guessed.",
-            "What a 135M model cannot show: whether metadata helps a model that can already write correct code often; the absolute pass@k of an 8B model; judge-based quality beyond format."]
+        if rf > rb: pts.append(f"ROUGE-L rose from {rb:.2f} to {rf:.2f}, but much of that is format: the references "
+                               "repeat the prompt's signature in a code block, a shape the fine-tuned model copies. "
+                               "It is not evidence of correct code.")
+    if h and h.hypothesis: pts.append(_humaneval_point(h.hypothesis, model))
+    pts.append("Threats to validity: one seed and one split per arm; HumanEval has 164 problems, so a difference "
+               f"of a few problems is noise; {_judge_caveat(a)}.")
+    if h and h.hypothesis and max(h.hypothesis.control_pass1, h.hypothesis.experiment_pass1) < 0.1:
+        pts.append(f"What {model} cannot show: whether metadata helps a model that can already write correct code "
+                   "often; the absolute pass@k of a larger model; judge-based quality beyond format.")
     return '## Discussion and limitations\n\n' + '\n'.join(f'- {p}' for p in pts) + '\n'
 
-SECTIONS = (dataset_section, implementation_section, training_section, evaluation_section, humaneval_section, hardware_section, discussion_section)
+SECTIONS = (dataset_section, implementation_section, training_section, evaluation_section, humaneval_section,
+            hardware_section, discussion_section)
 
 # %% ../nbs/08_report.ipynb #5d649612
 def _png_data(fig_or_path) -> str:
@@ -135,25 +187,30 @@ def _png_data(fig_or_path) -> str:
         buf = io.BytesIO(); fig_or_path.savefig(buf, format='png', dpi=110, bbox_inches='tight'); raw = buf.getvalue()
     return 'data:image/png;base64,' + base64.b64encode(raw).decode()
 
-CSS = "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.5}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}pre{background:#f5f5f5;padding:.8em;overflow-x:auto}img{max-width:100%}"
+CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.5}"
+       "table{border-collapse:collapse;margin:1em 0}"
+       "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
+       "pre{background:#f5f5f5;padding:.8em;overflow-x:auto}img{max-width:100%}")
 
 def report_markdown(a, title:str|None=None) -> str:
-    title = title or f"Fine-tuning report: {a['config']['output']['run_name']}"
+    title = title or f"Fine-tuning report: {a['config'].output.run_name}"
     return f'# {title}\n\n' + '\n'.join(sec(a) for sec in SECTIONS)
 
 def write_report(a, dest, title:str|None=None) -> Path:
     "One self-contained HTML file of the report for artifacts `a`."
     import mistune, matplotlib.pyplot as plt
-    body = mistune.html(report_markdown(a, title)) if hasattr(mistune, 'html') else mistune.markdown(report_markdown(a, title))
-    imgs = {'training_curves.png': a['run_dir']/'training_curves.png'}
-    if a['humaneval'] and (a['humaneval_dir']/'comparison.json').exists():
-        from qlora_nb.humaneval import plot_pass_at_k
-        fig = plot_pass_at_k(a['humaneval_dir'], a['humaneval']['n']); imgs['passk.png'] = fig; plt.close(fig)
+    md = report_markdown(a, title)
+    body = mistune.html(md) if hasattr(mistune, 'html') else mistune.markdown(md)
+    imgs = {'training_curves.png': a['run'].curves_file}
+    if a['humaneval']:
+        from qlora_nb.study import plot_pass_at_k
+        fig = plot_pass_at_k(a['study'], a['humaneval'].n); imgs['passk.png'] = fig; plt.close(fig)
     for name, src in imgs.items():
         if isinstance(src, Path) and not src.exists(): continue
         body = body.replace(f'src="{name}"', f'src="{_png_data(src)}"')
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or "report")}</title><style>{CSS}</style></head><body>{body}</body></html>')
+    head = f'<meta charset="utf-8"><title>{html.escape(title or "report")}</title><style>{CSS}</style>'
+    dest.write_text(f'<!doctype html><html><head>{head}</head><body>{body}</body></html>')
     return dest
 
 # %% ../nbs/08_report.ipynb #3689d0a3
@@ -168,8 +225,9 @@ def report_pdf(html_path, dest=None) -> Path|None:
     exe = chromium()
     if not exe: return None
     dest = Path(dest or Path(html_path).with_suffix('.pdf'))
-    subprocess.run([exe, '--headless', '--no-sandbox', '--disable-gpu', f'--print-to-pdf={dest.resolve()}', '--no-pdf-header-footer',
-                    Path(html_path).resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run([exe, '--headless', '--no-sandbox', '--disable-gpu', f'--print-to-pdf={dest.resolve()}',
+                    '--no-pdf-header-footer', Path(html_path).resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
     return dest
 
 # %% ../nbs/08_report.ipynb #023e9ff3
@@ -179,8 +237,9 @@ def benchmark_table(bench:dict) -> 'pd.DataFrame':
     rows = {}
     for case, by in bench['results'].items():
         for recipe, r in by.items():
-            rows[(case, recipe)] = {'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')), 'tokens/s incl. padding': r.get('tokens_per_s_all'),
-                                    'peak GiB': r.get('peak_gib'), 'MFU': r.get('mfu'), 'epoch s': r.get('epoch_s'), 'eval loss': r.get('eval_loss'),
+            rows[(case, recipe)] = {'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')),
+                                    'tokens/s incl. padding': r.get('tokens_per_s_all'), 'peak GiB': r.get('peak_gib'),
+                                    'MFU': r.get('mfu'), 'epoch s': r.get('epoch_s'), 'eval loss': r.get('eval_loss'),
                                     'padding': r.get('padding_fraction'), 'kernels': r.get('liger', '')}
     return pd.DataFrame(rows).T
 
@@ -189,7 +248,8 @@ def plot_benchmark(bench:dict):
     import matplotlib.pyplot as plt
     rat = bench['ratios']; names = list(rat)
     fig, axs = plt.subplots(1, 2, figsize=(10, 3))
-    axs[0].barh(names, [rat[n]['speedup'] for n in names]); axs[0].axvline(1, color='k', lw=.8); axs[0].set(title='tokens/s, qlora_nb / baseline')
-    axs[1].barh(names, [rat[n]['memory_ratio'] or 0 for n in names], color='C1'); axs[1].axvline(1, color='k', lw=.8); axs[1].set(title='peak memory, qlora_nb / baseline')
+    for ax, key, color, title in ((axs[0], 'speedup', 'C0', 'tokens/s'), (axs[1], 'memory_ratio', 'C1', 'peak memory')):
+        ax.barh(names, [rat[n][key] or 0 for n in names], color=color); ax.axvline(1, color='k', lw=.8)
+        ax.set(title=f'{title}, qlora_nb / baseline')
     axs[1].set_yticklabels([]); fig.tight_layout()
     return fig

@@ -18,7 +18,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .core import RunConfig, resolve_compute_dtype, check_gpu_fit
+from .core import Run, RunConfig, resolve_compute_dtype, check_gpu_fit
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora
@@ -115,15 +115,15 @@ def _memory_gb():
     return {'rss_gb': psutil.Process().memory_info().rss / 1e9}
 
 class HistoryCallback(TrainerCallback):
-    "Write `training_history.json` and `training.log` as training logs; stop at a non-finite loss."
+    "Write the run's history and log file as training logs; stop at a non-finite loss."
     def __init__(self, run_dir):
-        self.run_dir, self.last = Path(run_dir), None
+        self.run, self.run_dir, self.last = Run(run_dir), Path(run_dir), None
         self.diverged, self.last_finite = None, None
         self.log = logging.getLogger(f'qlora_nb.train.{self.run_dir}')
         self.log.setLevel(logging.INFO)
         if not self.log.handlers:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            h = logging.FileHandler(self.run_dir/'training.log')
+            h = logging.FileHandler(self.run.log_file)
             h.setFormatter(logging.Formatter('%(asctime)s %(message)s')); self.log.addHandler(h)
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -138,7 +138,7 @@ class HistoryCallback(TrainerCallback):
             elif self.diverged is None:
                 self.diverged = state.global_step; control.should_training_stop = True
         self.log.info(json.dumps(entry))
-        write_json(self.run_dir/'training_history.json', state.log_history)
+        write_json(self.run.history_file, state.log_history)
 
 # %% ../nbs/04_training.ipynb #57f08ac3
 def write_json(path, obj):
@@ -207,6 +207,7 @@ class TrainResult:
     history: list
     summary: dict
     trainer: object = None
+    run: Run|None = None  # the finished run: its files and its config
 
 def _resume_point(cfg, resume):
     if not resume: return None
@@ -222,7 +223,8 @@ def _oom_advice(cfg, step):
     return (f"CUDA ran out of memory at step {step}. Try, in this order: "
             f"--set train.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} "
             f"--set train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2} (same effective batch); "
-            f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; or rerun with --auto-batch.")
+            f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; "
+            "or rerun with --auto-batch.")
 
 # %% ../nbs/04_training.ipynb #dfd7112c
 def _float32_adapters(model):
@@ -250,11 +252,11 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     return trainer
 
 def _finish(cfg, trainer, tok, wall, resume_from):
-    run_dir, hist = cfg.run_dir, trainer.state.log_history
-    trainer.model.save_pretrained(run_dir/'final_adapter'); tok.save_pretrained(run_dir/'final_adapter')
+    run, hist = cfg.run, trainer.state.log_history
+    trainer.model.save_pretrained(run.adapter_dir); tok.save_pretrained(run.adapter_dir)
     import matplotlib.pyplot as plt
-    fig = plot_history(hist); fig.savefig(run_dir/'training_curves.png', dpi=120, bbox_inches='tight'); plt.close(fig)
-    cfg.save(run_dir/'config.yaml')
+    fig = plot_history(hist); fig.savefig(run.curves_file, dpi=120, bbox_inches='tight'); plt.close(fig)
+    cfg.save(run.config_file)
     evals = [h['eval_loss'] for h in hist if 'eval_loss' in h]
     losses = [h['loss'] for h in hist if 'loss' in h]
     summary = {'run_name': cfg.output.run_name, 'model': cfg.model.name, 'base_model_path': str(resolve_model(cfg.model.name, cfg.model.revision)),
@@ -265,7 +267,7 @@ def _finish(cfg, trainer, tok, wall, resume_from):
                'final_eval_perplexity': math.exp(evals[-1]) if evals else None,
                'tokens_seen': max((h.get('num_tokens', 0) for h in hist), default=0), 'wall_time_s': wall,
                'train_examples': len(trainer.train_dataset), 'peak_memory': _memory_gb(), 'environment': environment()}
-    write_json(run_dir/'run_summary.json', summary)
+    write_json(run.summary_file, summary)
     return summary
 
 # %% ../nbs/04_training.ipynb #bb12559d
@@ -291,14 +293,14 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
                                              gradient_accumulation_steps=t.gradient_accumulation_steps * 2))
         print(f"out of memory at step {step}: retrying with batch {smaller.train.per_device_train_batch_size} "
               f"x accumulation {smaller.train.gradient_accumulation_steps}")
-        return train(smaller, None, auto_batch, callbacks, data, live)
+        return train(smaller, resume=resume_from, auto_batch=auto_batch, callbacks=callbacks, data=data, live=live)
     hist_cb = trainer.callback_handler.callbacks[[type(c) for c in trainer.callback_handler.callbacks].index(HistoryCallback)]
     if hist_cb.diverged is not None:
         step, loss = hist_cb.last_finite or (None, None)
         raise TrainingDiverged(f"the loss became non-finite at step {hist_cb.diverged} (last finite loss {loss} at step {step}); "
                                f"lower train.learning_rate or check the data")
     summary = _finish(cfg, trainer, tok, time.time() - start, resume_from)
-    return TrainResult(cfg.run_dir, trainer.state.log_history, summary, trainer)
+    return TrainResult(cfg.run_dir, trainer.state.log_history, summary, trainer, cfg.run)
 
 # %% ../nbs/04_training.ipynb #3d1f7c1a
 class StopAtStep(TrainerCallback):

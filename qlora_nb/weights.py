@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_ALIASES', 'MARKER', 'cache_dir', 'ModelNotFoundError', 'default_gguf', 'write_model_dir', 'convert_gguf',
-           'default_model_dir', 'resolve_model', 'load_for_inference', 'quick_reply', 'tiny_config', 'tiny_model',
-           'tiny_model_dir']
+           'default_model_dir', 'hub_unavailable', 'resolve_model', 'load_for_inference', 'quick_reply', 'tiny_config',
+           'tiny_model', 'tiny_model_dir']
 
 # %% ../nbs/00a_weights.ipynb #4a31639d
 import hashlib, importlib.metadata, json, os, re, shutil, socket, tempfile
@@ -86,13 +86,20 @@ def default_model_dir() -> Path:
 # %% ../nbs/00a_weights.ipynb #ca33cc4f
 _SKIP = ['*.h5', '*.msgpack', '*.onnx', '*.ot', '*.gguf', '*.pth', '*.pt', 'original/*']
 
-def _hub_reachable(timeout=3.0) -> bool:
-    "Whether the hub's host answers at all (huggingface_hub itself retries for ~20 s before giving up)."
+def hub_unavailable(timeout:float=3.0) -> str|None:
+    "Why the Hub (or the mirror that `HF_ENDPOINT` names) cannot be used now; None when its host answers."
     from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE: return False
-    host = urlparse(constants.ENDPOINT).hostname
-    try: socket.create_connection((host, 443), timeout=timeout).close(); return True
-    except OSError: return False
+    offline = os.environ.get('HF_HUB_OFFLINE', '')
+    if offline.upper() in ('1', 'ON', 'YES', 'TRUE') or (not offline and constants.HF_HUB_OFFLINE):
+        return f'HF_HUB_OFFLINE={offline or 1} is set'
+    url = urlparse(os.environ.get('HF_ENDPOINT') or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == 'https' else 80)
+    # huggingface_hub itself retries for ~20 s before giving up
+    try: socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e: return f'{url.hostname} is not reachable from this machine ({e.__class__.__name__})'
+    return None
+
+def _hub_reachable(timeout=3.0) -> bool: return hub_unavailable(timeout) is None
 
 def _from_hub(repo_id:str, revision=None) -> Path:
     from huggingface_hub import snapshot_download, list_repo_files
@@ -101,12 +108,15 @@ def _from_hub(repo_id:str, revision=None) -> Path:
     try:
         if not _hub_reachable(): raise ConnectionError('the Hugging Face Hub cannot be reached (offline)')
         has_st = any(f.endswith('.safetensors') for f in list_repo_files(repo_id, revision=revision))
-        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=_SKIP + (['*.bin'] if has_st else [])))
+        skip = _SKIP + (['*.bin'] if has_st else [])
+        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=skip))
     except Exception as e:
         raise ModelNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not fetch {repo_id!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Without a network, download it elsewhere and pass its local folder instead (--model /path/to/model, "
-            f"a folder with config.json and the weights), or use 'default' for the embedded SmolLM2-135M-Instruct.") from None
+            f"a folder with config.json and the weights), or use 'default' for the embedded "
+            f"SmolLM2-135M-Instruct.") from None
 
 # %% ../nbs/00a_weights.ipynb #5b72b576
 def resolve_model(name:str='default', # 'default', a local folder, a .gguf file, or a hub id
