@@ -239,7 +239,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     if 'tensorboard' in cfg.output.report_to:  # our own writer, so the logs land in run_dir/logs on every transformers version
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
-        cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run_dir/'logs'))))
+        cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, callbacks=cbs)

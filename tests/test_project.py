@@ -13,7 +13,7 @@ NBS = sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb'))
 # once under each dtype (QLORA_NB_CPU_DTYPE pins what 'auto' means), whatever CPU runs the tests.
 CPU_DTYPES = ('float32', 'bfloat16')
 DTYPE_SENSITIVE = {'02_model.ipynb', '03_lora.ipynb', '04_training.ipynb', '05_evaluation.ipynb',
-                   '05a_inference.ipynb', '06_humaneval.ipynb', '07_packaging.ipynb'}
+                   '05a_inference.ipynb', '06_humaneval.ipynb', '06c_study.ipynb', '07_packaging.ipynb'}
 NOTEBOOK_CASES = [pytest.param(nb, d, id=f'{nb}[{d}]' if d else nb)
                   for nb in NBS for d in (CPU_DTYPES if nb in DTYPE_SENSITIVE else (None,))]
 
