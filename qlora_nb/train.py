@@ -195,10 +195,10 @@ def environment() -> dict:
 
 # %% ../nbs/04_training.ipynb #9d3acf68
 def last_complete_checkpoint(run_dir) -> str|None:
-    "The newest checkpoint that was written to the end (the trainer writes `trainer_state.json` last)."
-    run_dir = Path(run_dir)
-    done = [d for d in run_dir.glob('checkpoint-*') if d.name.split('-')[-1].isdigit() and (d/'trainer_state.json').exists()]
-    return str(max(done, key=lambda d: int(d.name.split('-')[-1]))) if done else None
+    "The newest checkpoint that was written to the end (the trainer writes its `trainer_state.json` last)."
+    from transformers.trainer import TRAINER_STATE_NAME
+    done = [d for d in Run(Path(run_dir)).checkpoints if (d/TRAINER_STATE_NAME).exists()]
+    return str(done[-1]) if done else None
 
 # %% ../nbs/04_training.ipynb #73eae696
 @dataclass
