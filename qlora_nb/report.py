@@ -120,7 +120,7 @@ def humaneval_section(a) -> str:
     return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h.hypothesis) + '\n'
 
 def hardware_section(a) -> str:
-    "Machine, versions, wall times and the benchmark ratios."
+    "Machine, versions, wall times and the benchmark summary."
     env = a['summary'].get('environment') or {}
     rows = {'GPU': env.get('gpu') or 'none (CPU)', 'GPU memory (GB)': env.get('gpu_memory_gb'),
             'CPU cores': env.get('cpu_count'), 'Python': env.get('python'), 'platform': env.get('platform'),
@@ -128,10 +128,9 @@ def hardware_section(a) -> str:
             **{f'wall time: {k}': v for k, v in (a['extra'].get('wall_times') or {}).items()}}
     out = '## Hardware and runtime\n\n' + _table(_values(rows), ['value'])
     if a.get('bench'):
-        r = {k: {**v, 'GPU': a['bench']['environment']['gpu']} for k, v in a['bench']['ratios'].items()}
-        out += ("\nTraining speed against the seeds' recipe (`benchmarks/bench.py`, same GPU, same run; "
-                'ratios qlora_nb / baseline):\n\n'
-                + _table(r, ['speedup', 'memory_ratio', 'eval_loss_rel_diff', 'GPU']))
+        gpu = a['bench']['environment']['gpu']
+        out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {gpu}, one lease; the issue's "
+                'summary keys):\n\n' + _table(_values(a['bench']['summary']), ['value']))
     return out
 
 # %% ../nbs/08_report.ipynb #6dd5c413
@@ -232,24 +231,27 @@ def report_pdf(html_path, dest=None) -> Path|None:
 
 # %% ../nbs/08_report.ipynb #023e9ff3
 def benchmark_table(bench:dict) -> 'pd.DataFrame':
-    "One row per case and recipe: tokens/s, peak memory, MFU, epoch time and eval loss where measured."
+    "One row per case and recipe: dropout, what the product chose, tokens/s, peak memory, MFU and eval loss."
     import pandas as pd
     rows = {}
     for case, by in bench['results'].items():
         for recipe, r in by.items():
-            rows[(case, recipe)] = {'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')),
-                                    'tokens/s incl. padding': r.get('tokens_per_s_all'), 'peak GiB': r.get('peak_gib'),
-                                    'MFU': r.get('mfu'), 'epoch s': r.get('epoch_s'), 'eval loss': r.get('eval_loss'),
-                                    'padding': r.get('padding_fraction'), 'kernels': r.get('liger', '')}
+            if 'tokens_per_s' not in r and 'tokens_per_s_real' not in r: continue  # profiles and dtype runs
+            rows[(case, recipe)] = {'dropout': r.get('dropout', 0.05), 'checkpointing': r.get('checkpointing'),
+                                    'liger': r.get('liger'), 'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')),
+                                    'peak GiB': r.get('peak_gib'), 'MFU': r.get('mfu'), 'eval loss': r.get('eval_loss')}
     return pd.DataFrame(rows).T
 
-def plot_benchmark(bench:dict):
-    "Speed-up and memory ratio (qlora_nb / baseline) per case."
+# %% ../nbs/08_report.ipynb #2cb0119d
+def plot_benchmark(bench:dict, case:str='llama3-8b-shape 2048x1'):
+    "Tokens/s and peak memory of every recipe and variant of the cases whose names start with `case`."
     import matplotlib.pyplot as plt
-    rat = bench['ratios']; names = list(rat)
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3))
-    for ax, key, color, title in ((axs[0], 'speedup', 'C0', 'tokens/s'), (axs[1], 'memory_ratio', 'C1', 'peak memory')):
-        ax.barh(names, [rat[n][key] or 0 for n in names], color=color); ax.axvline(1, color='k', lw=.8)
-        ax.set(title=f'{title}, qlora_nb / baseline')
+    rows = [(f"{name[len(case):].strip() or 'defaults'} · {recipe}", r) for name, by in bench['results'].items()
+            if name.startswith(case) for recipe, r in by.items()]
+    colors = [f"C{['seed', 'qlora_nb', 'unsloth'].index(label.split(' · ')[1])}" for label, _ in rows]
+    fig, axs = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1))
+    for ax, key, title in ((axs[0], 'tokens_per_s', 'tokens/s'), (axs[1], 'peak_gib', 'peak GiB')):
+        ax.barh([label for label, _ in rows], [r[key] for _, r in rows], color=colors)
+        ax.set(title=f'{case}: {title}'); ax.invert_yaxis()
     axs[1].set_yticklabels([]); fig.tight_layout()
     return fig
