@@ -380,7 +380,9 @@ def summary(results):
             'product_vs_seed_real_lengths': ratio(get('llama3-8b-shape real lengths', 'qlora_nb', 'tokens_per_s_real'),
                                                   get('llama3-8b-shape real lengths', 'seed', 'tokens_per_s_real')),
             'eval_loss_rel_diff_real': ratio(None if prod_loss is None or seed_loss is None else prod_loss - seed_loss, seed_loss),
-            'default_model_tokens_per_s': get('t4 mode', 'bfloat16', 'tokens_per_s_real'),  # `train()` end to end
+            # `train()` end to end where the T4-mode runs ran (a GPU), else the product's epoch on the same data
+            'default_model_tokens_per_s': (get('t4 mode', 'bfloat16', 'tokens_per_s_real')
+                                           or get('default model real data', 'qlora_nb', 'tokens_per_s_real')),
             'default_model_gpu_busy': get('profile', 'qlora_nb', 'gpu_busy_fraction'),
             't4_mode_loss_rel_diff': (abs(fp16 - bf16) / bf16 if fp16 is not None and bf16 and math.isfinite(fp16) else None)}
 
