@@ -22,7 +22,8 @@ def _max(*cs): return max(cs, default=(0, 0))
 
 # %% ../nbs/01a_code_metadata.ipynb #7b7d97c9
 LINEAR_CALLS = {'sum', 'max', 'min', 'any', 'all', 'list', 'set', 'dict', 'tuple', 'join', 'count', 'index',
-                'reversed', 'sorted', 'Counter', 'split', 'replace', 'lower', 'upper', 'remove', 'insert', 'str', 'filter', 'map'}
+                'reversed', 'sorted', 'Counter', 'split', 'replace', 'lower', 'upper', 'remove', 'insert', 'str',
+                'filter', 'map'}
 HASHING = {'set', 'dict', 'Counter', 'defaultdict', 'frozenset'}
 
 def _name(call):
@@ -77,14 +78,16 @@ class CostWalker:
         if isinstance(n, ast.Set) or isinstance(n, ast.Dict) and n.keys: self.traits.add('hashing')
         if isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Slice):  # a slice copies its part
             self.traits.add('slice'); return _max((1, 0), *(self.node(c) for c in ast.iter_child_nodes(n)))
-        if isinstance(n, ast.AugAssign) and isinstance(n.op, ast.Add) and isinstance(n.value, (ast.Constant, ast.JoinedStr, ast.Call)) \
+        if isinstance(n, ast.AugAssign) and isinstance(n.op, ast.Add) \
+           and isinstance(n.value, (ast.Constant, ast.JoinedStr, ast.Call)) \
            and isinstance(getattr(n.value, 'value', None), str): self.traits.add('string')
         return _max(*(self.node(c) for c in ast.iter_child_nodes(n)))
 
     def call(self, n):
         name, args = _name(n), self._children(n)
         if name == self.name: self.self_calls += 1; return args
-        if name in ('sorted', 'sort', 'heappush', 'heapify', 'nlargest', 'nsmallest'): self.traits.add('sorting'); return _max(args, (1, 1))
+        if name in ('sorted', 'sort', 'heappush', 'heapify', 'nlargest', 'nsmallest'):
+            self.traits.add('sorting'); return _max(args, (1, 1))
         if name in HASHING: self.traits.add('hashing')
         if name in ('join', 'format'): self.traits.add('string')
         if name in ('append', 'extend', 'insert', 'list', 'sorted'): self.traits.add('container')
@@ -121,7 +124,8 @@ def analyze(source:str, entry_point:str) -> CodeMetadata:
     else:
         if w.self_calls == 1: cost = _max(cost, (1, 0))
         time = fmt_cost(cost)
-        algo = ('recursion' if w.self_calls else 'nested-loop' if cost[0] >= 2 or w.max_depth >= 2 else 'sorting' if 'sorting' in t
+        algo = ('recursion' if w.self_calls else 'nested-loop' if cost[0] >= 2 or w.max_depth >= 2
+                else 'sorting' if 'sorting' in t
                 else 'hashing' if 'hashing' in t else 'string-building' if 'string' in t
                 else 'single-pass' if cost != (0, 0) else 'math')
     grows = bool(t & {'container', 'slice', 'string', 'hashing', 'sorting'}) or w.self_calls > 0

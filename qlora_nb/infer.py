@@ -31,7 +31,8 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict:
         "Keyword arguments for `model.generate`."
-        kw = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty, do_sample=self.temperature > 0)
+        kw = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty,
+                  do_sample=self.temperature > 0)
         if self.temperature > 0: kw |= dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else: kw |= dict(temperature=None, top_p=None, top_k=None)  # silence the checkpoint's sampling defaults
         return kw
@@ -66,10 +67,12 @@ def load_generator(model:str='default', adapter:str|None=None, quant:QuantSettin
                    attn_implementation:str='eager', # eager: greedy output identical run to run on a GPU (see below)
                   ):
     "(model, tokenizer) for generation: base `model` (name, folder or merged model), plus `adapter` unless `no_lora`."
-    m, tok = load_model(ModelSettings(name=model, attn_implementation=attn_implementation), quant or generation_quant(), padding_side='left')
+    m, tok = load_model(ModelSettings(name=model, attn_implementation=attn_implementation),
+                        quant or generation_quant(), padding_side='left')
     if adapter and not no_lora:
         from peft import PeftModel
-        if not (Path(adapter)/'adapter_config.json').exists(): raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a LoRA adapter folder)")
+        if not (Path(adapter)/'adapter_config.json').exists():
+            raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a LoRA adapter folder)")
         m = PeftModel.from_pretrained(m, adapter)
     return m.eval(), tok
 
@@ -87,10 +90,12 @@ def generate(model, tok, prompts:list[str], s:GenerationSettings=GenerationSetti
     torch.manual_seed(s.seed)
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors='pt', padding=True, add_special_tokens=add_special_tokens).to(model.device)
+        enc = tok(prompts[i:i + batch_size], return_tensors='pt', padding=True,
+                  add_special_tokens=add_special_tokens).to(model.device)
         kw = s.generate_kwargs() | ({'stop_strings': list(s.stop), 'tokenizer': tok} if s.stop else {})
         ids = model.generate(**enc, **kw, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out += [cut_at_stop(t, s.stop) for t in tok.batch_decode(ids[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)]
+        out += [cut_at_stop(t, s.stop)
+                for t in tok.batch_decode(ids[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)]
     return out
 
 # %% ../nbs/05a_inference.ipynb #9ebd38ee
@@ -100,7 +105,8 @@ def stream_reply(model, tok, messages:list, s:GenerationSettings=GenerationSetti
     enc = tok(prompt, return_tensors='pt', add_special_tokens=False).to(model.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(s.seed)
-    kw = dict(**enc, **s.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    kw = dict(**enc, **s.generate_kwargs(), streamer=streamer,
+              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     t = Thread(target=model.generate, kwargs=kw); t.start()
     yield from streamer
     t.join()
@@ -137,17 +143,22 @@ def _to_record(x, i, path):
     if isinstance(x, dict) and 'messages' in x: return x
     if isinstance(x, dict) and 'instruction' in x:
         from qlora_nb.data import _user_turn
-        return {**x, 'context': x.get('context', ''), 'messages': [{'role': 'user', 'content': _user_turn(x['instruction'], x.get('context', ''))}]}
+        return {**x, 'context': x.get('context', ''),
+                'messages': [{'role': 'user', 'content': _user_turn(x['instruction'], x.get('context', ''))}]}
     raise ConfigError(f"{path}, item {i+1}: expected a string, or an object with 'instruction' or 'messages'")
 
-def generate_file(model, tok, input_path, output_path, s:GenerationSettings=GenerationSettings(), template:str='chat') -> list:
+def generate_file(model, tok, input_path, output_path, s:GenerationSettings=GenerationSettings(),
+                  template:str='chat') -> list:
     "Generate for every prompt of `input_path` (JSON list); write [{prompt, output, settings}] to `output_path`."
     import json
     try: items = json.loads(Path(input_path).read_text())
-    except json.JSONDecodeError as e: raise ConfigError(f"{input_path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(items, list) or not items: raise ConfigError(f"{input_path}: expected a non-empty JSON list of prompts")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{input_path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{input_path}: expected a non-empty JSON list of prompts")
     recs = [_to_record(x, i, input_path) for i, x in enumerate(items)]
-    outs = generate(model, tok, [build_prompt(r, tok, template) for r in recs], s, add_special_tokens=template != 'chat')
+    outs = generate(model, tok, [build_prompt(r, tok, template) for r in recs], s,
+                    add_special_tokens=template != 'chat')
     results = [{'prompt': x, 'output': o} for x, o in zip(items, outs)]
     Path(output_path).write_text(json.dumps({'settings': asdict(s), 'results': results}, indent=2))
     return results

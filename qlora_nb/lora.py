@@ -23,7 +23,8 @@ def lora_config(l:LoraSettings) -> LoraConfig:
 def enable_checkpointing(model):
     "Gradient (activation) checkpointing with use_reentrant=False, by the API of the installed transformers."
     kw = {'use_reentrant': False}
-    if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before the rename
 
 def prepare_for_qlora(model, gradient_checkpointing:bool=True):
@@ -82,8 +83,10 @@ def memory_stages(cfg:RunConfig=RunConfig(), seq_len:int=256):
     "(table of memory at each stage, parameter footprint) of a QLoRA setup, measured in a fresh process."
     import json, subprocess, sys, pandas as pd
     code = ("import json, sys; from qlora_nb.core import RunConfig; from qlora_nb.lora import _stages; "
-            "rows, fp = _stages(RunConfig.from_dict(json.loads(sys.argv[1])), int(sys.argv[2])); print(json.dumps([rows, fp]))")
-    r = subprocess.run([sys.executable, '-c', code, json.dumps(cfg.to_dict()), str(seq_len)], capture_output=True, text=True)
+            "rows, fp = _stages(RunConfig.from_dict(json.loads(sys.argv[1])), int(sys.argv[2])); "
+            "print(json.dumps([rows, fp]))")
+    r = subprocess.run([sys.executable, '-c', code, json.dumps(cfg.to_dict()), str(seq_len)],
+                       capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"memory measurement failed:\n{r.stderr[-3000:]}")
     rows, fp = json.loads(r.stdout.strip().splitlines()[-1])
     return pd.DataFrame(rows).set_index('stage').round(3), fp
@@ -97,7 +100,8 @@ def step_changes(model, tok, text:str='def add(a, b):\n    return a + b\n', **kw
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     lora_b = {n for n in before if 'lora_B' in n}
     frozen = {n for n, p in after.items() if not p.requires_grad}
-    return {'lora_B total': len(lora_b), 'lora_B changed': len(lora_b & changed), 'frozen changed': sorted(frozen & changed)}
+    return {'lora_B total': len(lora_b), 'lora_B changed': len(lora_b & changed),
+            'frozen changed': sorted(frozen & changed)}
 
 # %% ../nbs/03_lora.ipynb #74f8dd38
 def reload_adapter(base_settings:ModelSettings, q, adapter_dir):

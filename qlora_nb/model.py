@@ -26,7 +26,8 @@ def quant_config(q:QuantSettings) -> BitsAndBytesConfig|None:
     return None
 
 # %% ../nbs/02_model.ipynb #76722320
-PAD_CANDIDATES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>', '<|reserved_special_token_0|>', '<|endoftext|>', '<unk>')
+PAD_CANDIDATES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>', '<|reserved_special_token_0|>', '<|endoftext|>',
+                  '<unk>')
 
 def fix_pad_token(tok):
     "Give `tok` a pad token distinct from EOS when its vocabulary has a spare special token."
@@ -70,7 +71,8 @@ class MemoryLog:
         gc.collect()
         row = {'stage': stage, 'process RSS (GB)': psutil.Process().memory_info().rss / 1e9}
         if torch.cuda.is_available():
-            row |= {'GPU allocated (GB)': torch.cuda.memory_allocated() / 1e9, 'GPU reserved (GB)': torch.cuda.memory_reserved() / 1e9,
+            row |= {'GPU allocated (GB)': torch.cuda.memory_allocated() / 1e9,
+                    'GPU reserved (GB)': torch.cuda.memory_reserved() / 1e9,
                     'GPU peak (GB)': torch.cuda.max_memory_allocated() / 1e9}
         self.rows.append(row); return row
 
@@ -90,11 +92,13 @@ def _tensor_bytes(obj) -> int:
 
 def weight_footprint(model, optim:str='paged_adamw_8bit') -> dict:
     "Bytes of the model's parameters by kind, plus the optimizer state its trainable parameters will need."
-    out = dict.fromkeys(['4-bit weights', 'quant constants', '8-bit weights', 'unquantized (16/32-bit)', 'LoRA parameters', 'optimizer state'], 0)
+    out = dict.fromkeys(['4-bit weights', 'quant constants', '8-bit weights', 'unquantized (16/32-bit)',
+                         'LoRA parameters', 'optimizer state'], 0)
     for n, p in model.named_parameters():
         b = p.numel() * p.element_size()
         if 'lora_' in n: out['LoRA parameters'] += b
-        elif isinstance(p, bnb.nn.Params4bit): out['4-bit weights'] += b; out['quant constants'] += _tensor_bytes(p.quant_state)
+        elif isinstance(p, bnb.nn.Params4bit):
+            out['4-bit weights'] += b; out['quant constants'] += _tensor_bytes(p.quant_state)
         elif p.dtype == torch.int8: out['8-bit weights'] += b
         else: out['unquantized (16/32-bit)'] += b
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -103,7 +107,8 @@ def weight_footprint(model, optim:str='paged_adamw_8bit') -> dict:
 
 # %% ../nbs/02_model.ipynb #218c8913
 def _linear_shapes(c):
-    h, i, hd = c.hidden_size, c.intermediate_size, getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
+    h, i, hd = (c.hidden_size, c.intermediate_size,
+                getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads)
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
     return {'q_proj': (h, q), 'k_proj': (h, kv), 'v_proj': (h, kv), 'o_proj': (q, h),
             'gate_proj': (h, i), 'up_proj': (h, i), 'down_proj': (i, h)}
@@ -119,10 +124,12 @@ def footprint_from_config(c, bits:int=4, double_quant:bool=True, r:int=16, targe
     n_lora = c.num_hidden_layers * r * sum(a + b for k, (a, b) in shapes.items() if k in targets)
     w = {4: n_lin / 2, 8: n_lin, 16: 2 * n_lin}[bits]
     n_mat = c.num_hidden_layers * len(shapes)  # each matrix also keeps its code tables (16 + 256 floats) and an offset
-    consts = ((n_lin / 64 + 4 * n_lin / (64 * 256) + 1092 * n_mat) if double_quant else (4 * n_lin / 64 + 64 * n_mat)) if bits == 4 else 0
+    consts = ((n_lin / 64 + 4 * n_lin / (64 * 256) + 1092 * n_mat) if double_quant
+              else (4 * n_lin / 64 + 64 * n_mat)) if bits == 4 else 0
     tokens = seq_len * batch
     return {'quantized weights': w, 'quant constants': consts, 'unquantized (16-bit)': 2 * (n_emb + n_norm),
-            'LoRA parameters + grads': 2 * lora_bytes * n_lora, 'optimizer state': n_lora * (2 if '8bit' in optim else 8),
+            'LoRA parameters + grads': 2 * lora_bytes * n_lora,
+            'optimizer state': n_lora * (2 if '8bit' in optim else 8),
             'activations (checkpointed)': act_bytes * tokens * c.hidden_size * c.num_hidden_layers,
             'logits + grad (fp32)': 2 * 4 * tokens * c.vocab_size}
 

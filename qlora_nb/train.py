@@ -49,8 +49,10 @@ def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
     t, dtype = cfg.train, resolve_compute_dtype(cfg.quant.compute_dtype)
     args = dict(
         output_dir=str(cfg.run_dir), report_to=[r for r in cfg.output.report_to if r != 'tensorboard'] or 'none',
-        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim, seed=t.seed, data_seed=t.seed,
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(), fp16=dtype == torch.float16,
@@ -162,7 +164,8 @@ def plot_history(history:list, ax=None):
     if ev: ax.plot(*zip(*ev), 'o-', label='validation loss')
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=0.3)
     if lr:
-        ax2 = ax.twinx(); ax2.plot(*zip(*lr), color='tab:gray', ls=':', label='learning rate'); ax2.set_ylabel('learning rate')
+        ax2 = ax.twinx(); ax2.plot(*zip(*lr), color='tab:gray', ls=':', label='learning rate')
+        ax2.set_ylabel('learning rate')
         ax2.legend(loc='upper center', fontsize=8)
     ax.legend(loc='upper right', fontsize=8)
     return ax.figure
@@ -186,7 +189,8 @@ def environment() -> dict:
     for p in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'datasets', 'accelerate', 'qlora_nb'):
         try: vers[p] = md.version(p)
         except md.PackageNotFoundError: pass
-    try: commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=Path(__file__).parent if '__file__' in globals() else None).stdout.strip() or None
+    try: commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent if '__file__' in globals() else None).stdout.strip() or None
     except Exception: commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'python': platform.python_version(), 'platform': platform.platform(), 'cpu_count': os.cpu_count(),
@@ -228,7 +232,7 @@ def _oom_advice(cfg, step):
 
 # %% ../nbs/04_training.ipynb #dfd7112c
 def _float32_adapters(model):
-    "TRL stores a quantized model's adapters in bf16; float16 training (a T4) needs float32 ones for its gradient scaler."
+    "TRL keeps a quantized model's adapters in bf16; fp16 training (a T4) needs fp32 ones for its gradient scaler."
     for p in model.parameters():
         if p.requires_grad: p.data = p.data.float()
 
@@ -236,7 +240,8 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
     cbs = [HistoryCallback(cfg.run_dir), *([LivePlotCallback()] if live else []), *callbacks]
-    if 'tensorboard' in cfg.output.report_to:  # our own writer, so the logs land in run_dir/logs on every transformers version
+    # our own writer, so the logs land in run_dir/logs on every transformers version
+    if 'tensorboard' in cfg.output.report_to:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
         cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
@@ -259,7 +264,8 @@ def _finish(cfg, trainer, tok, wall, resume_from):
     cfg.save(run.config_file)
     evals = [h['eval_loss'] for h in hist if 'eval_loss' in h]
     losses = [h['loss'] for h in hist if 'loss' in h]
-    summary = {'run_name': cfg.output.run_name, 'model': cfg.model.name, 'base_model_path': str(resolve_model(cfg.model.name, cfg.model.revision)),
+    summary = {'run_name': cfg.output.run_name, 'model': cfg.model.name,
+               'base_model_path': str(resolve_model(cfg.model.name, cfg.model.revision)),
                'global_step': trainer.state.global_step, 'epochs': trainer.state.epoch, 'resumed_from': resume_from,
                'first_train_loss': losses[0] if losses else None, 'final_train_loss': losses[-1] if losses else None,
                'best_eval_loss': trainer.state.best_metric, 'best_checkpoint': trainer.state.best_model_checkpoint,
@@ -287,17 +293,20 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     except torch.cuda.OutOfMemoryError:
         step = trainer.state.global_step
         del trainer, model; torch.cuda.empty_cache()
-        if not auto_batch or cfg.train.per_device_train_batch_size == 1: raise OutOfMemory(_oom_advice(cfg, step)) from None
+        if not auto_batch or cfg.train.per_device_train_batch_size == 1:
+            raise OutOfMemory(_oom_advice(cfg, step)) from None
         t = cfg.train
         smaller = replace(cfg, train=replace(t, per_device_train_batch_size=t.per_device_train_batch_size // 2,
                                              gradient_accumulation_steps=t.gradient_accumulation_steps * 2))
         print(f"out of memory at step {step}: retrying with batch {smaller.train.per_device_train_batch_size} "
               f"x accumulation {smaller.train.gradient_accumulation_steps}")
         return train(smaller, resume=resume_from, auto_batch=auto_batch, callbacks=callbacks, data=data, live=live)
-    hist_cb = trainer.callback_handler.callbacks[[type(c) for c in trainer.callback_handler.callbacks].index(HistoryCallback)]
+    hist_cb = trainer.callback_handler.callbacks[
+        [type(c) for c in trainer.callback_handler.callbacks].index(HistoryCallback)]
     if hist_cb.diverged is not None:
         step, loss = hist_cb.last_finite or (None, None)
-        raise TrainingDiverged(f"the loss became non-finite at step {hist_cb.diverged} (last finite loss {loss} at step {step}); "
+        raise TrainingDiverged(f"the loss became non-finite at step {hist_cb.diverged} "
+                               f"(last finite loss {loss} at step {step}); "
                                f"lower train.learning_rate or check the data")
     summary = _finish(cfg, trainer, tok, time.time() - start, resume_from)
     return TrainResult(cfg.run_dir, trainer.state.log_history, summary, trainer, cfg.run)
@@ -311,5 +320,6 @@ class StopAtStep(TrainerCallback):
 
 # %% ../nbs/04_training.ipynb #3ca799d0
 QUICK = ['data.max_samples=16', 'train.num_train_epochs=3', 'train.per_device_train_batch_size=4',
-         'train.gradient_accumulation_steps=1', 'train.learning_rate=3e-4', 'train.logging_steps=1', 'train.eval_steps=4',
+         'train.gradient_accumulation_steps=1', 'train.learning_rate=3e-4', 'train.logging_steps=1',
+         'train.eval_steps=4',
          'train.save_steps=4', 'data.max_seq_length=512', 'train.gradient_checkpointing=false']
