@@ -51,7 +51,7 @@ def train_adapter(cfg:RunConfig) -> Run:
 def run_comparison(cfg:RunConfig|Run, study=None, # a `Study` or its folder; default: the run's `humaneval/`
                    problems=None, batch_size:int=64, workers:int=os.cpu_count(),
                    sample_adapters:bool=True, # also the n-sample arms of the adapters (pass@10); greedy ones always
-                  ) -> 'ComparisonSummary':
+                  ): # -> ComparisonSummary (defined below: show_doc evaluates annotations)
     "Train the adapters and evaluate every arm of `cfg`'s study; write and return its summary and plot."
     from qlora_nb.infer import load_generator
     cfg = cfg.cfg if isinstance(cfg, Run) else cfg  # a run's study uses the run's own config
