@@ -8,18 +8,26 @@ __all__ = ['RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolve_compute_dtype',
            'read_config', 'apply_overrides', 'presets_table', 'load_config', 'check_gpu_fit']
 
 # %% ../nbs/00_core.ipynb #ae088bfa
-import difflib, json, types, warnings
+import difflib, json, logging, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import torch, yaml
+import yaml  # torch is imported inside the two functions that need it: `qlora_nb --help` must not wait for it
 from fastcore.basics import patch
+
+# %% ../nbs/00_core.ipynb #a946e3e9
+class _DropKernelHubHint(logging.Filter):
+    "Drops bitsandbytes' hint about the Hub kernel it cannot fetch offline (see above); nothing else."
+    def filter(self, record): return not record.getMessage().startswith('Failed to load CPU gemm_4bit_forward')
+
+logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(_DropKernelHubHint())
 
 # %% ../nbs/00_core.ipynb #6f2dbb3d
 def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'float32'
-                         ) -> torch.dtype:
+                         ) -> 'torch.dtype':
     "The torch dtype for `name`; 'auto' picks bf16 where the hardware runs it, else fp16 on GPU, else fp32."
+    import torch
     if name != 'auto': return getattr(torch, name)
     if torch.cuda.is_available(): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # a CPU without native bf16 emulates it at a fraction of fp32's speed
@@ -332,6 +340,7 @@ def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
     need = MIN_GPU_GB.get(cfg.model.size)
     if need is None: return None
     if gpu_gb is None:
+        import torch
         if not torch.cuda.is_available(): msg = f"a {cfg.model.size} run needs a GPU with >= {need} GB, and none is visible"
         else: gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     if gpu_gb is not None:

@@ -61,14 +61,22 @@ def check_record(r, fmt:str, where:str):
         if msgs[-1]['role'] != 'assistant': raise DataError(f"{where}, field 'messages': the last message must be the assistant's (the response)")
 
 # %% ../nbs/01_data.ipynb #a157141f
+def _decode(path, raw:bytes) -> str:
+    "`raw` as UTF-8 text, or a `DataError` naming the line and column of the first byte that is not UTF-8."
+    try: return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line, col = raw.count(b'\n', 0, e.start) + 1, e.start - raw.rfind(b'\n', 0, e.start)
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {col}); "
+                        "save the file as UTF-8") from None
+
 def _iter_records(path:Path):
     "(location, record) pairs of a .jsonl/.json/.parquet file."
     if path.suffix == '.parquet':
         import pyarrow.parquet as pq
         for i, r in enumerate(pq.read_table(path).to_pylist()): yield f"{path}, row {i+1}", r
         return
-    opener = gzip.open if path.suffix == '.gz' else open
-    with opener(path, 'rt', encoding='utf-8') as f: text = f.read()
+    raw = path.read_bytes()
+    text = _decode(path, gzip.decompress(raw) if path.suffix == '.gz' else raw)
     if path.suffix == '.json' or path.name.endswith('.json.gz'):
         try: data = json.loads(text)
         except json.JSONDecodeError as e: raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
