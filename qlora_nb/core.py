@@ -11,6 +11,7 @@ __all__ = ['RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolve_compute_dtype',
 import difflib, json, logging, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml  # torch is imported inside the two functions that need it: `qlora_nb --help` must not wait for it
@@ -67,7 +68,7 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     "Where the examples come from and how they become tokens."
-    source: str = 'humaneval'  # 'humaneval', 'dolly', a hub dataset id, or a local JSONL/JSON/Parquet file
+    source: str = 'humaneval'  # 'humaneval', 'dolly', a hub dataset id, or a JSONL/JSON/Parquet file (local or s3://... URL)
     format: str = 'auto'  # 'auto', 'instruction', 'alpaca', 'messages' or 'humaneval'
     template: str = 'chat'  # 'chat' (the model's chat template), 'instruction' (### Instruction: ...) or 'raw' (plain continuation)
     variant: str = 'control'  # HumanEval: 'control', or 'experiment' with the .comments metadata block
@@ -121,6 +122,7 @@ class OutputSettings:
     output_dir: str = 'outputs'
     run_name: str = 'qlora-run'
     report_to: list[str] = field(default_factory=lambda: ['tensorboard'])  # add 'wandb' to opt in
+    upload_to: Optional[str] = None  # an fsspec URL (s3://bucket/prefix): the adapter and package go there at the end
 
 # %% ../nbs/00_core.ipynb #90b46c4d
 @dataclass
@@ -208,6 +210,20 @@ def validate(cfg:RunConfig) -> RunConfig:
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
+
+# %% ../nbs/00_core.ipynb #b1b4a0b3
+def _no_credentials(key):
+    "A rule for `key`: none of its URLs holds a user or password (the error names the key, not the secret)."
+    def ok(v):
+        for url in [v] if isinstance(v, str) else v or []:
+            parts = urlsplit(url)
+            if parts.scheme and (parts.username or parts.password):
+                raise ConfigError(f"{key}: a {parts.scheme}:// URL with credentials in it; give them in the "
+                                  "environment or ~/.aws instead (a run writes its config to its folder)")
+        return True
+    return key, ok, ''
+
+_rules += [_no_credentials(k) for k in ('data.source', 'data.mix', 'data.golden_set', 'output.upload_to')]
 
 # %% ../nbs/00_core.ipynb #0be5a7de
 _section_aliases = {'quantization': 'quant', 'training': 'train', 'evaluation': 'eval', 'outputs': 'output'}
