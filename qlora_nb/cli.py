@@ -107,13 +107,18 @@ def cmd_prepare_model(args):
 
 def cmd_package(args):
     import tempfile
-    from qlora_nb.package import build_archive, extract, hub_ready, push_to_hub, verify_archive
+    from qlora_nb.package import build_archive, export_gguf, extract, hub_ready, push_to_hub, verify_archive
     if args.target[0] == 'verify':
         if len(args.target) != 2: raise FileNotFoundError('usage: qlora_nb package verify ARCHIVE')
         return print(json.dumps(verify_archive(args.target[1]), indent=2))
     if args.push_to_hub and (why := hub_ready()): raise ConnectionError(f'cannot push to the Hub: {why}; nothing was done')
     archive = build_archive(args.target[0], args.out, args.name, args.version, args.merged)
     print(f'package: {archive}')
+    if args.gguf:
+        g = export_gguf(args.target[0], args.gguf, name=args.name)
+        print(f"gguf:    {g['gguf']}\nollama:  {g['modelfile']} (ollama create NAME -f Modelfile)\n"
+              f"checked: greedy replies identical to the merged model's: {g['check']['all_identical']}, "
+              f"top-1 agreement {g['check']['top1_agreement']:.3f}")
     if args.push_to_hub:
         with tempfile.TemporaryDirectory() as d: print(push_to_hub(next(extract(archive, d).iterdir()), args.push_to_hub))
 
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('target', nargs='+', metavar='RUN_DIR | verify ARCHIVE'); p.add_argument('--name'); p.add_argument('--version', default='0.1.0')
     p.add_argument('--merged', action='store_true', help='also merge the adapter into a 16-bit copy of the base')
     p.add_argument('--out', help='folder of the archive (default RUN_DIR/package)'); p.add_argument('--push-to-hub', metavar='USER/NAME')
+    p.add_argument('--gguf', nargs='?', const='f16', choices=('f16', 'q8_0', 'q4_k_m'),
+                   help='also a GGUF file (default f16) and an Ollama Modelfile in RUN_DIR/package/gguf-TYPE/, checked in llama.cpp')
     p.set_defaults(func=cmd_package)
     p = sub.add_parser('upload', help="upload a run's adapter and package (resumes; SHA-256 checked)")
     p.add_argument('run', metavar='RUN_DIR'); p.add_argument('--to', metavar='URL', help="default: the run's output.upload_to")
@@ -230,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors a user can fix, by the module that defines them. A command can only raise those of modules it
 # imported, so `main` looks them up in `sys.modules` instead of importing torch to catch them.
 USER_ERRORS = {'qlora_nb.core': 'ConfigError', 'qlora_nb.weights': 'ModelNotFoundError', 'qlora_nb.data': 'DataError',
-               'qlora_nb.train': 'TrainingDiverged OutOfMemory', 'qlora_nb.package': 'UnsafeArchive',
+               'qlora_nb.train': 'TrainingDiverged OutOfMemory', 'qlora_nb.package': 'UnsafeArchive GGUFMismatch LlamaCppMissing',
                'qlora_nb.storage': 'StorageError'}
 
 def _user_errors() -> tuple:
