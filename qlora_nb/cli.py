@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--merged', action='store_true', help='also merge the adapter into a 16-bit copy of the base')
     p.add_argument('--out', help='folder of the archive (default RUN_DIR/package)'); p.add_argument('--push-to-hub', metavar='USER/NAME')
     p.add_argument('--gguf', nargs='?', const='f16', choices=('f16', 'q8_0', 'q4_k_m'),
-                   help='also a GGUF file (default f16) and an Ollama Modelfile in RUN_DIR/package/gguf-TYPE/, checked in llama.cpp')
+                   help='also a GGUF file (default f16) and an Ollama Modelfile in RUN_DIR/package/gguf-TYPE/, '
+                        'checked in llama.cpp')
     p.set_defaults(func=cmd_package)
     p = sub.add_parser('upload', help="upload a run's adapter and package (resumes; SHA-256 checked)")
     p.add_argument('run', metavar='RUN_DIR'); p.add_argument('--to', metavar='URL', help="default: the run's output.upload_to")
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors a user can fix, by the module that defines them. A command can only raise those of modules it
 # imported, so `main` looks them up in `sys.modules` instead of importing torch to catch them.
 USER_ERRORS = {'qlora_nb.core': 'ConfigError', 'qlora_nb.weights': 'ModelNotFoundError', 'qlora_nb.data': 'DataError',
-               'qlora_nb.train': 'TrainingDiverged OutOfMemory', 'qlora_nb.package': 'UnsafeArchive GGUFMismatch LlamaCppMissing',
+               'qlora_nb.train': 'TrainingDiverged OutOfMemory',
+               'qlora_nb.package': 'UnsafeArchive GGUFMismatch LlamaCppMissing',
                'qlora_nb.storage': 'StorageError'}
 
 def _user_errors() -> tuple:

@@ -232,9 +232,11 @@ def _llama_cpp_version() -> str:
     except md.PackageNotFoundError: raise LlamaCppMissing(NO_LLAMA_CPP) from None
 
 def _download_sdist(version:str, dest) -> Path:
-    cmd = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:', f'llama-cpp-python=={version}', '-d', str(dest)]
+    cmd = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
+           f'llama-cpp-python=={version}', '-d', str(dest)]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode: raise ConnectionError(f"cannot download the llama-cpp-python {version} source, which holds llama.cpp's converter: {r.stderr.strip()[-400:]}")
+    if r.returncode: raise ConnectionError(f"cannot download the llama-cpp-python {version} source, which holds "
+                                           f"llama.cpp's converter: {r.stderr.strip()[-400:]}")
     return next(Path(dest).glob('llama_cpp_python-*.tar.gz'))
 
 # %% ../nbs/07_packaging.ipynb #540df7a1
@@ -289,8 +291,10 @@ _MARK = {r: f'\u2063{r.upper()}-7c1f\u2063' for r in ('system', 'user', 'assista
 def chat_pieces(tok) -> dict:
     "Literal text around each role's content in `tok`'s chat template, its generation prompt and default system prompt."
     msg = lambda r: {'role': r.removesuffix('2'), 'content': _MARK[r]}
-    render = lambda rs, gen=False: tok.apply_chat_template([msg(r) for r in rs], tokenize=False, add_generation_prompt=gen)
-    su, sua, suau = render(['system', 'user']), render(['system', 'user', 'assistant']), render(['system', 'user', 'assistant', 'user2'])
+    render = lambda rs, gen=False: tok.apply_chat_template([msg(r) for r in rs], tokenize=False,
+                                                           add_generation_prompt=gen)
+    su, sua = render(['system', 'user']), render(['system', 'user', 'assistant'])
+    suau = render(['system', 'user', 'assistant', 'user2'])
     p = {'generation': render(['system', 'user'], True).removeprefix(su)}
     p['assistant'] = tuple(sua.removeprefix(su).split(_MARK['assistant']))
     p['user'] = tuple(suau.removeprefix(sua).split(_MARK['user2']))
@@ -319,14 +323,16 @@ def _stop_strings(tok, p:dict, generation_config=None) -> list:
 def ollama_modelfile(model_dir, gguf_name:str) -> str:
     "An Ollama Modelfile for GGUF file `gguf_name` (next to it): the chat template as a Go template, and the stops."
     from transformers import GenerationConfig
-    tok, p = AutoTokenizer.from_pretrained(model_dir), None
+    tok = AutoTokenizer.from_pretrained(model_dir)
     p = chat_pieces(tok)
     try: gc = GenerationConfig.from_pretrained(model_dir)
     except OSError: gc = None
     role = lambda r: f'{p[r][0]}{{{{ .Content }}}}{p[r][1]}'
-    template = ('{{ range .Messages }}{{ if eq .Role "system" }}' + role('system') + '{{ else if eq .Role "user" }}' +
-                role('user') + '{{ else if eq .Role "assistant" }}' + role('assistant') + '{{ end }}{{ end }}' + p['generation'])
-    if '"""' in template + (p['default_system'] or ''): raise ValueError('the chat template holds """, which a Modelfile cannot quote')
+    template = ('{{ range .Messages }}{{ if eq .Role "system" }}' + role('system') + '{{ else if eq .Role "user" }}'
+                + role('user') + '{{ else if eq .Role "assistant" }}' + role('assistant') + '{{ end }}{{ end }}'
+                + p['generation'])
+    if '"""' in template + (p['default_system'] or ''):
+        raise ValueError('the chat template holds """, which a Modelfile cannot quote')
     lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{template}"""']
     if p['default_system'] is not None: lines.append(f'SYSTEM """{p["default_system"]}"""')
     lines += [f'PARAMETER stop {json.dumps(s)}' for s in _stop_strings(tok, p, gc)]
@@ -359,17 +365,21 @@ def gguf_check(gguf, model_dir, prompts=GGUF_PROMPTS, max_new_tokens:int=32) -> 
     stops = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     rows = []
     for prompt in prompts:
-        text = tok.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)['input_ids']
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=tok.eos_token_id)
         ref = _cut_at(ref[0, len(ids):].tolist(), stops)
         got = _llama_greedy(llm, ids, max_new_tokens, stops)
         llm.reset(); llm.eval(ids + ref)  # teacher forcing: llama.cpp's next-token choice after each reference prefix
         top1 = llm.scores[len(ids) - 1:len(ids) + len(ref) - 1].argmax(-1) == np.array(ref, dtype=int)
-        rows.append({'prompt': prompt, 'identical': got == ref, 'top1_agreement': float(top1.mean()) if len(ref) else 1.0,
+        rows.append({'prompt': prompt, 'identical': got == ref,
+                     'top1_agreement': float(top1.mean()) if len(ref) else 1.0,
                      'same_tokens_in': llm.tokenize(text.encode(), add_bos=False, special=True) == ids,
                      'hf': tok.decode(ref), 'gguf': tok.decode(got)})
-    return {'all_identical': all(r['identical'] for r in rows), 'top1_agreement': float(np.mean([r['top1_agreement'] for r in rows])),
+    return {'all_identical': all(r['identical'] for r in rows),
+            'top1_agreement': float(np.mean([r['top1_agreement'] for r in rows])),
             'tokenizer_identical': all(r['same_tokens_in'] for r in rows), 'prompts': rows}
 
 # %% ../nbs/07_packaging.ipynb #e92fd87c
@@ -377,7 +387,7 @@ class GGUFMismatch(ValueError):
     "A GGUF file whose greedy replies differ from the model it was converted from."
 
 def export_gguf(run_dir, quant:str='f16', out_dir=None, name:str|None=None) -> dict:
-    "Merge a run's adapter, convert to GGUF `quant`, write an Ollama Modelfile and check it: {'gguf', 'modelfile', 'check'}."
+    "A run's adapter merged, converted to GGUF `quant`, with an Ollama Modelfile, checked: {'gguf', 'modelfile', 'check'}."
     run_dir = Path(run_dir); name = name or run_dir.name
     out = Path(out_dir or run_dir/'package'/f'gguf-{quant}'); out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((run_dir/'config.yaml').read_text())['model']['name']
@@ -389,5 +399,6 @@ def export_gguf(run_dir, quant:str='f16', out_dir=None, name:str|None=None) -> d
     (out/'gguf_check.json').write_text(json.dumps(check | {'type': quant}, indent=2))
     if quant in ('f16', 'q8_0') and not check['all_identical']:
         bad = [r['prompt'] for r in check['prompts'] if not r['identical']]
-        raise GGUFMismatch(f"{gguf}: greedy replies differ from the merged model's on {bad} (see {out/'gguf_check.json'})")
+        raise GGUFMismatch(f"{gguf}: greedy replies differ from the merged model's on {bad} "
+                           f"(see {out/'gguf_check.json'})")
     return {'gguf': gguf, 'modelfile': out/'Modelfile', 'check': check}

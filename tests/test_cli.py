@@ -88,7 +88,7 @@ def test_package_verify_and_report_of_a_tiny_run(tmp_path):
     assert (run/'report'/'report.html').read_text().count('data:image/png;base64,') == 1  # training curves
 
 
-SUBCOMMANDS = ('run', 'train', 'config', 'generate', 'chat', 'humaneval', 'package', 'report', 'prepare-model')
+SUBCOMMANDS = ('run', 'train', 'config', 'generate', 'chat', 'humaneval', 'package', 'report', 'prepare-model', 'upload')
 
 
 def test_help_imports_no_torch():
@@ -113,3 +113,21 @@ def test_data_file_not_utf8_names_file_and_line(tmp_path):
     assert 'Traceback' not in r.stderr and 'UnicodeDecodeError' not in r.stderr
     # train imported bitsandbytes, whose hint about a Hub kernel it cannot fetch offline is dropped (see 00_core)
     assert 'gemm_4bit_forward' not in r.stderr, r.stderr
+
+
+def test_package_gguf_of_a_tiny_run(tmp_path):
+    "package --gguf: merged, converted by llama.cpp's converter, an Ollama Modelfile, checked in llama.cpp."
+    import json
+    from test_train_cli import tiny_args
+    r = qlora_nb('train', *tiny_args(tmp_path, 'tiny', steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path/'tiny'
+    r = qlora_nb('package', str(run), '--gguf')
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run/'package'/'gguf-f16'
+    assert sorted(p.name for p in out.iterdir()) == ['Modelfile', 'gguf_check.json', 'tiny-f16.gguf']
+    check = json.loads((out/'gguf_check.json').read_text())
+    assert check['all_identical'] and check['tokenizer_identical'] and check['type'] == 'f16'
+    modelfile = (out/'Modelfile').read_text()
+    assert modelfile.startswith('FROM ./tiny-f16.gguf\nTEMPLATE """') and 'PARAMETER stop' in modelfile
+    assert 'checked: greedy replies identical to the merged model\'s: True' in r.stdout
