@@ -117,8 +117,9 @@ def cmd_package(args):
     if args.gguf:
         g = export_gguf(args.target[0], args.gguf, name=args.name)
         print(f"gguf:    {g['gguf']}\nollama:  {g['modelfile']} (ollama create NAME -f Modelfile)\n"
-              f"checked: greedy replies identical to the merged model's: {g['check']['all_identical']}, "
-              f"top-1 agreement {g['check']['top1_agreement']:.3f}")
+              f"checked in llama.cpp: {g['check']['identical']}/{len(g['check']['prompts'])} greedy replies identical to "
+              f"the merged model's, top-1 agreement {g['check']['top1_agreement']:.3f}, "
+              f"decisive tokens {g['check']['decisive_agreement']:.3f}")
     if args.push_to_hub:
         with tempfile.TemporaryDirectory() as d: print(push_to_hub(next(extract(archive, d).iterdir()), args.push_to_hub))
 

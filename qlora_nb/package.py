@@ -355,7 +355,7 @@ def _llama_greedy(llm, ids:list, n:int, stops:set) -> list:
 
 # %% ../nbs/07_packaging.ipynb #99447894
 @torch.no_grad()
-def gguf_check(gguf, model_dir, prompts=GGUF_PROMPTS, max_new_tokens:int=32) -> dict:
+def gguf_check(gguf, model_dir, prompts=GGUF_PROMPTS, max_new_tokens:int=32, decisive:float=1.0) -> dict:
     "Greedy replies of GGUF file `gguf` in llama.cpp vs the Hugging Face `model_dir` (float32), on the same token ids."
     from llama_cpp import Llama
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -372,15 +372,22 @@ def gguf_check(gguf, model_dir, prompts=GGUF_PROMPTS, max_new_tokens:int=32) -> 
                           pad_token_id=tok.eos_token_id)
         ref = _cut_at(ref[0, len(ids):].tolist(), stops)
         got = _llama_greedy(llm, ids, max_new_tokens, stops)
-        llm.reset(); llm.eval(ids + ref)  # teacher forcing: llama.cpp's next-token choice after each reference prefix
-        top1 = llm.scores[len(ids) - 1:len(ids) + len(ref) - 1].argmax(-1) == np.array(ref, dtype=int)
-        rows.append({'prompt': prompt, 'identical': got == ref,
-                     'top1_agreement': float(top1.mean()) if len(ref) else 1.0,
+        # teacher forcing: both models' next-token logits after each prefix of the reference reply
+        hf_logits = hf(torch.tensor([ids + ref])).logits[0, len(ids) - 1:-1].numpy()
+        llm.reset(); llm.eval(ids + ref)
+        gg_logits = np.asarray(llm.scores[len(ids) - 1:len(ids) + len(ref) - 1])
+        top2 = np.sort(hf_logits, -1)[:, -2:]
+        agree, clear = gg_logits.argmax(-1) == hf_logits.argmax(-1), top2[:, 1] - top2[:, 0] >= decisive
+        rows.append({'prompt': prompt, 'identical': got == ref, 'top1_agreement': float(agree.mean()),
+                     'decisive_agreement': float(agree[clear].mean()) if clear.any() else 1.0,
+                     'max_abs_logit_diff': float(np.abs(gg_logits - hf_logits).max()),
                      'same_tokens_in': llm.tokenize(text.encode(), add_bos=False, special=True) == ids,
                      'hf': tok.decode(ref), 'gguf': tok.decode(got)})
-    return {'all_identical': all(r['identical'] for r in rows),
-            'top1_agreement': float(np.mean([r['top1_agreement'] for r in rows])),
-            'tokenizer_identical': all(r['same_tokens_in'] for r in rows), 'prompts': rows}
+    llm.close()
+    summary = {'all_identical': all(r['identical'] for r in rows), 'identical': sum(r['identical'] for r in rows)}
+    for k in ('top1_agreement', 'decisive_agreement'): summary[k] = float(np.mean([r[k] for r in rows]))
+    return summary | {'max_abs_logit_diff': max(r['max_abs_logit_diff'] for r in rows),
+                      'tokenizer_identical': all(r['same_tokens_in'] for r in rows), 'prompts': rows}
 
 # %% ../nbs/07_packaging.ipynb #e92fd87c
 class GGUFMismatch(ValueError):
@@ -397,8 +404,11 @@ def export_gguf(run_dir, quant:str='f16', out_dir=None, name:str|None=None) -> d
         (out/'Modelfile').write_text(ollama_modelfile(merged, gguf.name))
         check = gguf_check(gguf, merged)
     (out/'gguf_check.json').write_text(json.dumps(check | {'type': quant}, indent=2))
-    if quant in ('f16', 'q8_0') and not check['all_identical']:
+    if quant == 'f16' and not check['all_identical']:
         bad = [r['prompt'] for r in check['prompts'] if not r['identical']]
         raise GGUFMismatch(f"{gguf}: greedy replies differ from the merged model's on {bad} "
+                           f"(see {out/'gguf_check.json'})")
+    if quant == 'q8_0' and check['decisive_agreement'] < 1:
+        raise GGUFMismatch(f"{gguf}: llama.cpp changes tokens the merged model chose by >= 1 logit "
                            f"(see {out/'gguf_check.json'})")
     return {'gguf': gguf, 'modelfile': out/'Modelfile', 'check': check}

@@ -130,4 +130,4 @@ def test_package_gguf_of_a_tiny_run(tmp_path):
     assert check['all_identical'] and check['tokenizer_identical'] and check['type'] == 'f16'
     modelfile = (out/'Modelfile').read_text()
     assert modelfile.startswith('FROM ./tiny-f16.gguf\nTEMPLATE """') and 'PARAMETER stop' in modelfile
-    assert 'checked: greedy replies identical to the merged model\'s: True' in r.stdout
+    assert 'checked in llama.cpp: 3/3 greedy replies identical' in r.stdout
