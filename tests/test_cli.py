@@ -86,3 +86,48 @@ def test_package_verify_and_report_of_a_tiny_run(tmp_path):
     r = qlora_nb('report', str(run))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run/'report'/'report.html').read_text().count('data:image/png;base64,') == 1  # training curves
+
+
+SUBCOMMANDS = ('run', 'train', 'config', 'generate', 'chat', 'humaneval', 'package', 'report', 'prepare-model', 'upload')
+
+
+def test_help_imports_no_torch():
+    "`--help` of the command and of every subcommand answers without importing torch (what made it take ~8 s)."
+    import sys
+    probe = ("import sys\nfrom qlora_nb.cli import main\nfor argv in [['--help']] + [[c, '--help'] for c in {cmds!r}]:\n"
+             "    try: main(argv)\n    except SystemExit as e: assert e.code == 0, argv\n"
+             "print('LOADED', [m for m in ('torch', 'bitsandbytes', 'transformers', 'datasets', 'peft') if m in sys.modules])")
+    r = subprocess.run([sys.executable, '-c', probe.format(cmds=SUBCOMMANDS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == 'LOADED []'
+    assert 'prepare-model' in r.stdout and '--preset-gen' in r.stdout  # the helps were printed
+
+
+def test_data_file_not_utf8_names_file_and_line(tmp_path):
+    from test_train_cli import tiny_args
+    bad = tmp_path/'latin1.jsonl'
+    bad.write_bytes('{"instruction": "a", "response": "b"}\n{"instruction": "caf\u00e9", "response": "b"}\n'.encode('latin-1'))
+    r = qlora_nb('train', *tiny_args(tmp_path, 'latin1', steps=1), '--set', f'data.source={bad}')
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f'{bad}, line 2: not UTF-8 text (byte 0xe9 at column 21)' in r.stderr
+    assert 'Traceback' not in r.stderr and 'UnicodeDecodeError' not in r.stderr
+    # train imported bitsandbytes, whose hint about a Hub kernel it cannot fetch offline is dropped (see 00_core)
+    assert 'gemm_4bit_forward' not in r.stderr, r.stderr
+
+
+def test_package_gguf_of_a_tiny_run(tmp_path):
+    "package --gguf: merged, converted by llama.cpp's converter, an Ollama Modelfile, checked in llama.cpp."
+    import json
+    from test_train_cli import tiny_args
+    r = qlora_nb('train', *tiny_args(tmp_path, 'tiny', steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path/'tiny'
+    r = qlora_nb('package', str(run), '--gguf')
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run/'package'/'gguf-f16'
+    assert sorted(p.name for p in out.iterdir()) == ['Modelfile', 'gguf_check.json', 'tiny-f16.gguf']
+    check = json.loads((out/'gguf_check.json').read_text())
+    assert check['all_identical'] and check['tokenizer_identical'] and check['type'] == 'f16'
+    modelfile = (out/'Modelfile').read_text()
+    assert modelfile.startswith('FROM ./tiny-f16.gguf\nTEMPLATE """') and 'PARAMETER stop' in modelfile
+    assert 'checked in llama.cpp: 3/3 greedy replies identical' in r.stdout
