@@ -138,6 +138,7 @@ def cmd_report(args):
 # %% ../nbs/09_cli.ipynb #50a465a3
 def cmd_compare(args):
     "The HumanEval study of `06c_study`: adapters per fold, every arm, the summary with its tests, and the plot."
+    from qlora_nb.core import check_gpu_fit
     from qlora_nb.study import hypothesis_verdict, run_comparison
     cfg = config_from_args(args, defaults=['output.run_name=compare'])
     check_gpu_fit(cfg)
