@@ -9,7 +9,7 @@ __all__ = ['CPU_DTYPE_ENV', 'RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'resolv
            'check_gpu_fit', 'Run', 'Study']
 
 # %% ../nbs/00_core.ipynb #ae088bfa
-import difflib, json, logging, os, types, warnings
+import difflib, json, logging, os, re, types, warnings
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -134,6 +134,7 @@ class EvalSettings:
     humaneval_max_new_tokens: int = 384  # a HumanEval completion
     humaneval_max_problems: Optional[int] = None  # a quick check: the first N problems of each fold
     humaneval_temperature: float = 0.8
+    training_seeds: int = 3  # adapters per study arm, trained with train.seed, +1, +2, ...: the spread across seeds
 
 @dataclass
 class OutputSettings:
@@ -217,7 +218,8 @@ _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda
           ('eval.temperature', lambda v: v >= 0, 'must be >= 0'),
           ('eval.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
           ('eval.humaneval_n', lambda v: v >= 1, 'must be >= 1'),
-          ('eval.humaneval_max_problems', lambda v: v is None or v >= 1, 'must be >= 1')]
+          ('eval.humaneval_max_problems', lambda v: v is None or v >= 1, 'must be >= 1'),
+          ('eval.training_seeds', lambda v: v >= 1, 'must be >= 1')]
 
 # %% ../nbs/00_core.ipynb #797e969c
 def _get(cfg, key):
@@ -344,7 +346,7 @@ def apply_overrides(cfg:RunConfig, overrides:list[str]) -> RunConfig:
 RUN_PRESETS = {
     'stage1': {'data.max_samples': 5, 'train.num_train_epochs': 1, 'train.per_device_train_batch_size': 1,
                'train.gradient_accumulation_steps': 1, 'eval.humaneval_n': 2, 'eval.humaneval_max_new_tokens': 32,
-               'eval.humaneval_max_problems': 3},
+               'eval.humaneval_max_problems': 3, 'eval.training_seeds': 2},
     'stage4': {'data.max_samples': None, 'train.num_train_epochs': 3, 'train.per_device_train_batch_size': 1,
                'train.gradient_accumulation_steps': 4},
     'pilot': {'train.max_steps': 100, 'data.train_on_golden_set': True},
@@ -469,6 +471,12 @@ class Study:
     def arm_samples(self, arm:str) -> Path: return self.dir/arm/self.ARM_SAMPLES
     def arm_results(self, arm:str) -> Path: return self.dir/arm/self.ARM_RESULTS
     def adapter_run(self, name:str, cfg:RunConfig|None=None) -> Run: return Run(self.dir/'runs'/name, cfg)
+    @staticmethod
+    def adapter_name(variant:str, fold:int, seed:int) -> str: return f'{variant}-fold{fold}-s{seed}'
+    @staticmethod
+    def arm_seed(arm:str) -> int:
+        "The training-seed index of an adapter arm's folder name; 0 for the layout without seeds (one per arm)."
+        return int(m[1]) if (m := re.search(r'-s(\d+)-[^-]+$', arm)) else 0
     @property
     def summary_file(self) -> Path: return self.dir/'comparison.json'
     @property

@@ -181,7 +181,7 @@ def parse_verdict(text:str) -> str|None:
     found = set(re.findall(r'\[\[([ABC])\]\]', text))
     return VERDICT_LETTERS[found.pop()] if len(found) == 1 else None
 
-# %% ../nbs/05_evaluation.ipynb #8379b824
+# %% ../nbs/05_evaluation.ipynb #0c4fb977
 def verdict_token_ids(tok, prompt:str) -> dict:
     "verdict -> the token that writes its letter right after `prompt`; an error unless each is one distinct token."
     base = tok(prompt, add_special_tokens=False).input_ids
@@ -195,7 +195,7 @@ def verdict_token_ids(tok, prompt:str) -> dict:
     return ids
 
 
-# %% ../nbs/05_evaluation.ipynb #5179ac9a
+# %% ../nbs/05_evaluation.ipynb #3ef50a54
 @torch.no_grad()
 def verdict_probs(model, tok, prompt:str) -> dict:
     "The judge's next-token probabilities of the verdicts after `prompt`, renormalized; and their total before that."
@@ -248,7 +248,7 @@ def read_judgment(reply) -> dict:
             'text_verdict': parse_verdict(reply['text']), 'probs': probs, 'mass': reply.get('mass')}
 
 
-# %% ../nbs/05_evaluation.ipynb #51c1d895
+# %% ../nbs/05_evaluation.ipynb #6822494a
 def _cross_check(judgments:list) -> dict|None:
     "How the written verdicts compare with those read from the probabilities (None for a text-only judge)."
     js = [j for j in judgments if j['method'] == 'probabilities']

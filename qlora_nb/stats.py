@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['per_problem', 'bootstrap_ci', 'mcnemar', 'paired_bootstrap', 'Estimate', 'estimate', 'arm_estimates', 'PairedTest',
-           'paired_test', 'holm', 'compare_arms', 'tests_frame', 'flips']
+           'paired_test', 'holm', 'compare_arms', 'tests_frame', 'flips', 'seed_matrix', 'seed_spread',
+           'hierarchical_bootstrap', 'seeded_test', 'compare_seeded_arms']
 
 # %% ../nbs/06b_statistics.ipynb #47e0c400
 import itertools
@@ -77,6 +78,7 @@ class PairedTest:
     only_second: int|None = None
     mcnemar_p: float|None = None
     holm_p: float|None = None  # adjusted over every pair of the comparison
+    method: str|None = None  # the test of `p`: 'McNemar', 'paired bootstrap' or 'hierarchical bootstrap'
 
     @property
     def p(self) -> float: return self.mcnemar_p if self.mcnemar_p is not None else self.bootstrap_p
@@ -86,9 +88,10 @@ def paired_test(arms:dict, first:str, second:str, k:int=1) -> PairedTest:
     "Paired bootstrap of pass@k between two arms (arm name -> scored samples), and McNemar for k = 1."
     a, b = per_problem(arms[first], k), per_problem(arms[second], k)
     bs = paired_bootstrap(a, b)
-    t = PairedTest(first, second, k, bs['diff'], tuple(bs['ci']), bs['p_value'])
+    t = PairedTest(first, second, k, bs['diff'], tuple(bs['ci']), bs['p_value'], method='paired bootstrap')
     if k == 1:
         mc = mcnemar(a, b); t.only_first, t.only_second, t.mcnemar_p = mc['only_a'], mc['only_b'], mc['p_value']
+        t.method = 'McNemar'
     return t
 
 # %% ../nbs/06b_statistics.ipynb #a6228490
@@ -122,3 +125,50 @@ def flips(arms:dict, x:str, y:str) -> list:
     "Problems solved (greedy) by exactly one of arms x and y: (task_id, solved by)."
     a, b = per_problem(arms[x], 1), per_problem(arms[y], 1)
     return [(t, x if a[t] > b[t] else y) for t in sorted(set(a) & set(b)) if (a[t] > 0.5) != (b[t] > 0.5)]
+
+# %% ../nbs/06b_statistics.ipynb #4457d67e
+def seed_matrix(seeds:dict, k:int=1, tasks=None) -> tuple:
+    "(task ids, array seeds × problems of per-problem pass@k) of one arm: training seed -> scored samples."
+    pp = [per_problem(s, k) for s in seeds.values()]
+    tasks = sorted(set.intersection(*(set(p) for p in pp)) if tasks is None else tasks)
+    return tasks, np.array([[p[t] for t in tasks] for p in pp], float)
+
+def seed_spread(seeds:dict, k:int=1) -> dict:
+    "pass@k of each training seed of an arm, and their mean, standard deviation (n − 1), min and max."
+    v = seed_matrix(seeds, k)[1].mean(1)
+    return {'seeds': list(seeds), 'values': [float(x) for x in v], 'mean': float(v.mean()),
+            'sd': float(v.std(ddof=1)) if len(v) > 1 else 0.0, 'min': float(v.min()), 'max': float(v.max())}
+
+
+# %% ../nbs/06b_statistics.ipynb #f3ce8466
+def _resampled_means(x:np.ndarray, problem_counts:np.ndarray, rng) -> np.ndarray:
+    "Per replicate, the mean of `x` (seeds × problems) over seeds drawn with replacement and the problems drawn."
+    s, n = x.shape
+    seed_counts = rng.multinomial(s, np.full(s, 1 / s), len(problem_counts))
+    return ((seed_counts @ x) * problem_counts).sum(1) / (s * n)
+
+def hierarchical_bootstrap(a:np.ndarray, b:np.ndarray, n_boot:int=10_000, seed:int=0) -> dict:
+    "Difference b − a of two arms' mean (seeds × the same problems), its 95% interval and p: seeds and problems resampled."
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    problem_counts = rng.multinomial(n, np.full(n, 1 / n), n_boot)  # shared: the arms are paired on problems
+    d = _resampled_means(b, problem_counts, rng) - _resampled_means(a, problem_counts, rng)
+    p = 2 * min((d <= 0).mean(), (d >= 0).mean())
+    return {'diff': float(b.mean() - a.mean()), 'ci': (float(np.quantile(d, .025)), float(np.quantile(d, .975))),
+            'p_value': float(min(p, 1.0))}
+
+
+# %% ../nbs/06b_statistics.ipynb #1ce49874
+def seeded_test(arms:dict, first:str, second:str, k:int=1) -> PairedTest:
+    "Hierarchical bootstrap of pass@k between two arms (arm name -> training seed -> scored samples)."
+    tasks = sorted(set(seed_matrix(arms[first], k)[0]) & set(seed_matrix(arms[second], k)[0]))
+    hb = hierarchical_bootstrap(seed_matrix(arms[first], k, tasks)[1], seed_matrix(arms[second], k, tasks)[1])
+    return PairedTest(first, second, k, hb['diff'], hb['ci'], hb['p_value'], method='hierarchical bootstrap')
+
+def compare_seeded_arms(arms:dict, k:int=1) -> list:
+    "`PairedTest`s of every pair of arms with training seeds, Holm-adjusted; `compare_arms` when each has one seed."
+    if all(len(s) == 1 for s in arms.values()): return compare_arms({a: next(iter(s.values())) for a, s in arms.items()}, k)
+    tests = [seeded_test(arms, x, y, k) for x, y in itertools.combinations(arms, 2)]
+    for t, q in zip(tests, holm([t.p for t in tests])): t.holm_p = q
+    return tests
+
