@@ -7,7 +7,7 @@ __all__ = ['RAW_STOPS', 'humaneval_prompt', 'extract_code', 'program_for', 'scor
            'fold_tasks', 'evaluate_arm', 'read_samples']
 
 # %% ../nbs/06_humaneval.ipynb #a42c4351
-import gzip, json, os, queue, re
+import gzip, json, os, queue, re, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
@@ -92,6 +92,7 @@ class ArmSpec:
     max_problems: int|None = None  # a quick check: the first N problems of the fold
     n_folds: int = 2
     seed: int = 42
+    training_seed: int|None = None  # an adapter arm: its adapter's train.seed
 
 def fold_tasks(problems, fold, n_folds=2, seed=42):
     "The task ids of `problems` in held-out `fold` (folds of all 164 problems, as in `01_data`), or all of them."
@@ -108,12 +109,15 @@ def evaluate_arm(spec:ArmSpec, model, tok, out_dir=None, problems=None, limits:L
                            top_p=0.95 if spec.n > 1 else 1.0, seed=spec.seed,
                            stop=RAW_STOPS if spec.style == 'raw' else ())
     prompts = [humaneval_prompt(problems[t], tok, spec.style, spec.variant) for t in tasks for _ in range(spec.n)]
+    t0 = time.perf_counter()
     comps = generate(model, tok, prompts, s, batch_size)  # one seeded pass: the n samples of a problem share batches
+    generation_s = time.perf_counter() - t0
     samples = [{'task_id': t, 'sample': i, 'completion': comps[j * spec.n + i]}
                for j, t in enumerate(tasks) for i in range(spec.n)]
     scored = score(problems, samples, spec.style, limits, workers)
     res = {'spec': asdict(spec), 'batch_size': batch_size,
            'attention': getattr(model.config, '_attn_implementation', None),
+           'generation_s': round(generation_s, 2), 'device': str(model.device),
            'n_problems': len(tasks), **pass_at_k(scored),
            'status_counts': {k: sum(x['status'] == k for x in scored)
                              for k in ('passed', 'failed', 'timed out', 'error', 'suspicious')},

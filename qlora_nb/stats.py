@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['per_problem', 'bootstrap_ci', 'mcnemar', 'paired_bootstrap', 'Estimate', 'estimate', 'arm_estimates', 'PairedTest',
            'paired_test', 'holm', 'compare_arms', 'tests_frame', 'flips', 'seed_matrix', 'seed_spread',
-           'hierarchical_bootstrap', 'seeded_test', 'compare_seeded_arms']
+           'hierarchical_bootstrap', 'seeded_test', 'compare_seeded_arms', 'seeded_estimates']
 
 # %% ../nbs/06b_statistics.ipynb #47e0c400
 import itertools
@@ -126,7 +126,7 @@ def flips(arms:dict, x:str, y:str) -> list:
     a, b = per_problem(arms[x], 1), per_problem(arms[y], 1)
     return [(t, x if a[t] > b[t] else y) for t in sorted(set(a) & set(b)) if (a[t] > 0.5) != (b[t] > 0.5)]
 
-# %% ../nbs/06b_statistics.ipynb #4457d67e
+# %% ../nbs/06b_statistics.ipynb #be1e5dfe
 def seed_matrix(seeds:dict, k:int=1, tasks=None) -> tuple:
     "(task ids, array seeds × problems of per-problem pass@k) of one arm: training seed -> scored samples."
     pp = [per_problem(s, k) for s in seeds.values()]
@@ -140,7 +140,7 @@ def seed_spread(seeds:dict, k:int=1) -> dict:
             'sd': float(v.std(ddof=1)) if len(v) > 1 else 0.0, 'min': float(v.min()), 'max': float(v.max())}
 
 
-# %% ../nbs/06b_statistics.ipynb #f3ce8466
+# %% ../nbs/06b_statistics.ipynb #5671180f
 def _resampled_means(x:np.ndarray, problem_counts:np.ndarray, rng) -> np.ndarray:
     "Per replicate, the mean of `x` (seeds × problems) over seeds drawn with replacement and the problems drawn."
     s, n = x.shape
@@ -158,7 +158,7 @@ def hierarchical_bootstrap(a:np.ndarray, b:np.ndarray, n_boot:int=10_000, seed:i
             'p_value': float(min(p, 1.0))}
 
 
-# %% ../nbs/06b_statistics.ipynb #1ce49874
+# %% ../nbs/06b_statistics.ipynb #cc8c20e0
 def seeded_test(arms:dict, first:str, second:str, k:int=1) -> PairedTest:
     "Hierarchical bootstrap of pass@k between two arms (arm name -> training seed -> scored samples)."
     tasks = sorted(set(seed_matrix(arms[first], k)[0]) & set(seed_matrix(arms[second], k)[0]))
@@ -171,4 +171,16 @@ def compare_seeded_arms(arms:dict, k:int=1) -> list:
     tests = [seeded_test(arms, x, y, k) for x, y in itertools.combinations(arms, 2)]
     for t, q in zip(tests, holm([t.p for t in tests])): t.holm_p = q
     return tests
+
+
+# %% ../nbs/06b_statistics.ipynb #bd82aea6
+def seeded_estimates(seeds:dict, ks=(1, 10)) -> dict:
+    "k -> pass@k `Estimate` of an arm (training seed -> scored samples): seeds and problems resampled."
+    if len(seeds) == 1: return arm_estimates(next(iter(seeds.values())), ks)
+    out = {}
+    for k in ks:
+        if not all(per_problem(s, k) for s in seeds.values()): continue  # fewer than k samples per problem
+        x = seed_matrix(seeds, k)[1]
+        out[k] = Estimate(float(x.mean()), *hierarchical_bootstrap(np.zeros_like(x), x)['ci'])
+    return out
 

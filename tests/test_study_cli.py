@@ -25,15 +25,17 @@ def test_compare_stage1_runs_and_resumes(tmp_path):
     assert summary.n == 2 and set(summary.arms) == {'base (raw)', 'base (chat)', 'control', 'experiment'}
     assert summary.arms['base (chat)'].problems == 3  # stage1: the first 3 problems of each fold
     assert summary.arms['control'].problems == 6  # both held-out folds
-    assert len(read_samples(study.arm_dir('control-fold1-n2'))) == 3 * 2
+    assert len(read_samples(study.arm_dir('control-fold1-s1-n2'))) == 3 * 2
+    assert summary.training_seeds == 2 and summary.arms['control'].training_seeds == 2  # stage1: 2 seeds per adapter
+    assert summary.arms['control'].attention == 'eager'
     assert [t.holm_p is not None for t in summary.greedy_tests] == [True] * 3
     assert summary.hypothesis is not None and study.plot_file.exists()
     assert 'Seed hypothesis' in r.stdout and str(study.summary_file) in r.stdout
 
     # interrupted while training the last adapter: its folder and its arms are missing
-    lost = [study.arm_results('experiment-fold1-greedy'), study.arm_results('experiment-fold1-n2')]
+    lost = [study.arm_results('experiment-fold1-s1-greedy'), study.arm_results('experiment-fold1-s1-n2')]
     for p in lost: p.unlink()
-    adapter = study.adapter_run('experiment-fold1').adapter_dir
+    adapter = study.adapter_run('experiment-fold1-s1').adapter_dir
     for f in adapter.iterdir(): f.unlink()
     adapter.rmdir()
     kept = {p: p.stat().st_mtime for p in study.dir.rglob('results.json')}
