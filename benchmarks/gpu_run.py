@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""The end-to-end run on a GPU, in resumable phases (a lent GPU allows 10 minutes a command).
+"""The GPU run of record (issue #21), in resumable phases: a lent GPU allows 10 minutes a command.
 
-    python benchmarks/gpu_run.py main      # train the default model with the default config; evaluate; judge
-    python benchmarks/gpu_run.py compare   # the HumanEval comparison (base / control / experiment, 2 folds)
-    python benchmarks/gpu_run.py bench     # benchmarks/bench.py
-    python benchmarks/gpu_run.py repro     # the base model's greedy arms again, into humaneval-repro/ (run-to-run check)
+    python benchmarks/gpu_run.py main          # train the default job (bf16); evaluate; judge (verdict probabilities)
+    python benchmarks/gpu_run.py compare-base  # the study's base-model arms (raw / chat, greedy / n samples)
+    python benchmarks/gpu_run.py compare-s0    # the study's adapters and their arms, training seed 0 (then s1, s2)
+    python benchmarks/gpu_run.py compare       # all of the above for the study, in one go (--seeds of them)
+    python benchmarks/gpu_run.py fp16          # the default job in float16 (what a Colab T4 gets) against the bf16 one
+    python benchmarks/gpu_run.py bench         # benchmarks/bench.py
+    python benchmarks/gpu_run.py repro         # the base model's greedy arms again, into humaneval-repro/ (run-to-run check)
 
-Everything goes under --work (default outputs/gpu); each phase skips what is already finished, then packs its
-results (no checkpoints, no model weights but the final adapter) into --pack as gzipped tar parts of at most 15 MB.
-`benchmarks/gpu_session.sh` shows how it was run on a lent machine.
+Everything goes under --work (default outputs/gpu); each phase skips what is already finished (a study arm, an
+adapter, a run), so a phase cut off by the time limit is run again to go on. Each phase's wall time goes into
+wall_times.json, the study's per-arm generation seconds into humaneval/generation_times.json (target: <= 60 s for
+an n=20 arm of one fold on an H200). Results (no checkpoints, no model weights but the final adapter) are packed
+into --pack as gzipped tar parts of at most 15 MB. `benchmarks/gpu_session.sh` shows how it is run on a lent machine.
 """
 import argparse, io, json, os, sys, tarfile, time
 from pathlib import Path
@@ -17,14 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+OVERRIDES = []  # --set KEY=VALUE, for every phase's config (a small model and job to try the phases on a CPU)
+
+
+def record_environment(work):
+    "environment.json: machine, versions and commit (QLORA_NB_COMMIT when the copy run here has no git history)."
+    from qlora_nb.train import write_json, environment
+    env = environment()
+    env['git_commit'] = env.get('git_commit') or os.environ.get('QLORA_NB_COMMIT')
+    write_json(work/'environment.json', env)
+
+
 def phase_main(work):
     from qlora_nb.core import load_config
-    from qlora_nb.train import train, write_json, environment
+    from qlora_nb.train import train
     from qlora_nb.evaluate import evaluate_run, judge_run
     cfg = load_config(overrides=[f'output.output_dir={work}', 'output.run_name=main', 'train.logging_steps=1',
-                                 'train.eval_steps=5', 'train.save_steps=10', 'eval.num_samples=16'])
+                                 'train.eval_steps=5', 'train.save_steps=10', 'eval.num_samples=16', *OVERRIDES])
     run = cfg.run
-    write_json(work/'environment.json', environment())
+    record_environment(work)
     t = time.time()
     if not run.summary_file.exists(): train(cfg, live=False)
     if not run.metrics_file.exists(): evaluate_run(run)
@@ -32,14 +48,59 @@ def phase_main(work):
     return {'main_s': time.time() - t}
 
 
-def phase_compare(work, n, batch_size, sample_adapters=True):
-    "The study of `qlora_nb compare`, into WORK/humaneval (the layout of the committed results)."
-    from qlora_nb.core import Study, load_config
+def study_config(n, seeds):
+    from qlora_nb.core import load_config
+    return load_config(overrides=[f'eval.humaneval_n={n}', f'eval.training_seeds={seeds}', *OVERRIDES])
+
+
+def phase_compare_base(work, n, batch_size):
+    "The base model's arms of the study (no training), into WORK/humaneval."
+    from qlora_nb.core import Study
     from qlora_nb.study import run_comparison
     t = time.time()
-    cfg = load_config(overrides=[f'eval.humaneval_n={n}'])
-    run_comparison(cfg, Study(work/'humaneval'), batch_size=batch_size, workers=os.cpu_count(), sample_adapters=sample_adapters)
-    return {'compare_s': time.time() - t}
+    run_comparison(study_config(n, 1), Study(work/'humaneval'), batch_size=batch_size, workers=os.cpu_count(), adapters=False)
+    return {'compare_base_s': time.time() - t}
+
+
+def phase_compare_seed(work, n, batch_size, seed, sample_adapters=True):
+    "The study's adapters of training seed number `seed` (and any earlier one not finished) and their arms."
+    from qlora_nb.core import Study
+    from qlora_nb.study import run_comparison
+    t = time.time()
+    run_comparison(study_config(n, seed + 1), Study(work/'humaneval'), batch_size=batch_size,
+                   workers=os.cpu_count(), sample_adapters=sample_adapters)
+    return {f'compare_s{seed}_s': time.time() - t}
+
+
+def generation_times(work):
+    "Per arm of the study: the seconds its generation took, the samples it generated, how, and on what."
+    from qlora_nb.core import Study
+    study, out = Study(work/'humaneval'), {}
+    for r in sorted(study.dir.glob('*/' + Study.ARM_RESULTS)):
+        x = json.loads(r.read_text())
+        out[r.parent.name] = {k: x.get(k) for k in ('generation_s', 'n_problems', 'batch_size', 'attention', 'device')}
+        out[r.parent.name] |= {k: x['spec'].get(k) for k in ('n', 'generator', 'training_seed')}
+    if out: (study.dir/'generation_times.json').write_text(json.dumps(out, indent=2))
+    return out
+
+
+def phase_fp16(work):
+    "The default job with float16 compute (a T4 has no bfloat16), beside the bf16 main run: losses and wall time."
+    from qlora_nb.core import load_config, Run
+    from qlora_nb.train import train, write_json
+    cfg = load_config(overrides=[f'output.output_dir={work}', 'output.run_name=main-fp16', 'train.logging_steps=1',
+                                 'train.eval_steps=5', 'train.save_steps=10', *OVERRIDES, 'quant.compute_dtype=float16'])
+    t = time.time()
+    if not cfg.run.summary_file.exists(): train(cfg, live=False)
+    keys = ('final_train_loss', 'best_eval_loss', 'final_eval_loss', 'final_eval_perplexity', 'wall_time_s', 'global_step')
+    runs = {'float16': cfg.run, 'bfloat16': Run(work/'main')}
+    out = {name: {k: s.get(k) for k in keys} | {'compute_dtype': name, 'git_commit': s['environment'].get('git_commit'),
+                                                  'gpu': s['environment'].get('gpu')}
+           for name, r in runs.items() if (s := r.read_summary())}
+    if len(out) == 2:
+        out['eval_loss_difference (fp16 - bf16)'] = out['float16']['final_eval_loss'] - out['bfloat16']['final_eval_loss']
+    write_json(work/'fp16.json', out)
+    return {'fp16_s': time.time() - t}
 
 
 def phase_repro(work):
@@ -82,19 +143,40 @@ def pack(work:Path, dest:Path, limit=15_000_000):
     print(f'packed {len(data) / 1e6:.1f} MB into {dest}')
 
 
-if __name__ == '__main__':
-    ap = argparse.ArgumentParser()
-    ap.add_argument('phases', nargs='+', choices=['main', 'compare', 'bench', 'repro'])
+PHASES = ['main', 'compare-base', 'compare-s0', 'compare-s1', 'compare-s2', 'compare', 'fp16', 'bench', 'repro']
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('phases', nargs='+', choices=PHASES)
     ap.add_argument('--work', default='outputs/gpu'); ap.add_argument('--pack')
     ap.add_argument('--greedy-adapters', action='store_true', help='adapters: greedy arms only (when GPU time is short)')
-    ap.add_argument('--n', type=int, default=20); ap.add_argument('--batch-size', type=int, default=160)
-    a = ap.parse_args()
+    ap.add_argument('--n', type=int, default=20); ap.add_argument('--batch-size', type=int, default=820)
+    ap.add_argument('--seeds', type=int, default=3, help="training seeds per adapter arm for 'compare'")
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help="a config override for every phase")
+    return ap.parse_args(argv)
+
+
+def phase_runners(work, a) -> dict:
+    seed_phase = lambda s: (lambda: phase_compare_seed(work, a.n, a.batch_size, s, not a.greedy_adapters))
+    def compare():
+        out = phase_compare_base(work, a.n, a.batch_size)
+        for s in range(a.seeds): out |= seed_phase(s)()
+        return out
+    return {'main': lambda: phase_main(work), 'compare-base': lambda: phase_compare_base(work, a.n, a.batch_size),
+            **{f'compare-s{s}': seed_phase(s) for s in range(3)}, 'compare': compare,
+            'fp16': lambda: phase_fp16(work), 'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work)}
+
+
+if __name__ == '__main__':
+    a = parse_args()
+    OVERRIDES += a.set
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
     times = json.loads((work/'wall_times.json').read_text()) if (work/'wall_times.json').exists() else {}
     try:
         for ph in a.phases:
-            times |= {'main': lambda: phase_main(work), 'compare': lambda: phase_compare(work, a.n, a.batch_size, not a.greedy_adapters),
-                      'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work)}[ph]()
+            times |= phase_runners(work, a)[ph]()
+            if ph.startswith('compare'): generation_times(work)
             (work/'wall_times.json').write_text(json.dumps(times, indent=2))
     finally:
         if a.pack: pack(work, Path(a.pack))

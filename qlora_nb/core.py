@@ -134,6 +134,7 @@ class EvalSettings:
     humaneval_max_new_tokens: int = 384  # a HumanEval completion
     humaneval_max_problems: Optional[int] = None  # a quick check: the first N problems of each fold
     humaneval_temperature: float = 0.8
+    humaneval_generator: str = 'auto'  # merged: 4-bit base dequantized + adapter merged; adapter: on top; auto: merged on a GPU
     training_seeds: int = 3  # adapters per study arm, trained with train.seed, +1, +2, ...: the spread across seeds
 
 @dataclass
@@ -195,7 +196,7 @@ def _coerce(key, val, t):
 _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'quant.compute_dtype': ('auto', 'bfloat16', 'float16', 'float32'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
-            'data.variant': ('control', 'experiment'),
+            'data.variant': ('control', 'experiment'), 'eval.humaneval_generator': ('auto', 'merged', 'adapter'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
             'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts',
                                         'polynomial'),

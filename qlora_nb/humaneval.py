@@ -93,6 +93,7 @@ class ArmSpec:
     n_folds: int = 2
     seed: int = 42
     training_seed: int|None = None  # an adapter arm: its adapter's train.seed
+    generator: str|None = None  # how the model was loaded: 'merged' or 'adapter' (`06c_study`)
 
 def fold_tasks(problems, fold, n_folds=2, seed=42):
     "The task ids of `problems` in held-out `fold` (folds of all 164 problems, as in `01_data`), or all of them."

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['GENERATION_PRESETS', 'GenerationSettings', 'update_settings', 'generation_quant', 'load_generator', 'cut_at_stop',
-           'generate', 'stream_reply', 'chat_reply', 'chat_widget', 'generate_file']
+           'generate', 'stream_reply', 'chat_reply', 'chat_widget', 'generate_file', 'load_merged_generator']
 
 # %% ../nbs/05a_inference.ipynb #7de61343
 from dataclasses import dataclass, asdict, replace, fields
@@ -162,3 +162,18 @@ def generate_file(model, tok, input_path, output_path, s:GenerationSettings=Gene
     results = [{'prompt': x, 'output': o} for x, o in zip(items, outs)]
     Path(output_path).write_text(json.dumps({'settings': asdict(s), 'results': results}, indent=2))
     return results
+
+# %% ../nbs/05a_inference.ipynb #97fdee2f
+def load_merged_generator(model:str='default', adapter:str|None=None, quant:QuantSettings|None=None,
+                          attn_implementation:str='eager'):
+    "(model, tokenizer): base `model` quantized as in training (`quant`), dequantized to 16-bit, `adapter` merged in."
+    from qlora_nb.core import resolve_compute_dtype
+    q = quant or QuantSettings()
+    m, tok = load_model(ModelSettings(name=model, attn_implementation=attn_implementation), q, padding_side='left')
+    dtype = m.dtype if q.bits == 16 else resolve_compute_dtype(q.compute_dtype)
+    if getattr(m, 'is_quantized', False): m = m.dequantize()  # every 4/8-bit layer -> nn.Linear of its weights
+    if adapter:
+        from peft import PeftModel
+        m = PeftModel.from_pretrained(m.float(), adapter).merge_and_unload()
+    return m.to(dtype).eval(), tok
+

@@ -173,7 +173,7 @@ def compare_seeded_arms(arms:dict, k:int=1) -> list:
     return tests
 
 
-# %% ../nbs/06b_statistics.ipynb #bd82aea6
+# %% ../nbs/06b_statistics.ipynb #72064c16
 def seeded_estimates(seeds:dict, ks=(1, 10)) -> dict:
     "k -> pass@k `Estimate` of an arm (training seed -> scored samples): seeds and problems resampled."
     if len(seeds) == 1: return arm_estimates(next(iter(seeds.values())), ks)
