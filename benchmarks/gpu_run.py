@@ -94,7 +94,9 @@ def phase_fp16(work):
     if not cfg.run.summary_file.exists(): train(cfg, live=False)
     keys = ('final_train_loss', 'best_eval_loss', 'final_eval_loss', 'final_eval_perplexity', 'wall_time_s', 'global_step')
     runs = {'float16': cfg.run, 'bfloat16': Run(work/'main')}
-    out = {name: {k: s.get(k) for k in keys} | {'compute_dtype': name, 'git_commit': s['environment'].get('git_commit'),
+    from qlora_nb.core import resolve_compute_dtype
+    dtype = lambda r: str(resolve_compute_dtype(r.cfg.quant.compute_dtype)).removeprefix('torch.')
+    out = {name: {k: s.get(k) for k in keys} | {'compute_dtype': dtype(r), 'git_commit': s['environment'].get('git_commit'),
                                                   'gpu': s['environment'].get('gpu')}
            for name, r in runs.items() if (s := r.read_summary())}
     if len(out) == 2:

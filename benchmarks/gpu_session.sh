@@ -6,7 +6,16 @@
 #                                             # from its wheel (43 -> 7 MB), so wheels and two model parts fit one call
 #   bash benchmarks/gpu_session.sh setup      # first call: wheels + the first parts of the model
 #   bash benchmarks/gpu_session.sh part       # copy the part carried in this call
-#   bash benchmarks/gpu_session.sh PHASE...   # main / compare / bench, results packed into $OUT
+#   bash benchmarks/gpu_session.sh PHASE...   # phases of gpu_run.py, results packed into $OUT
+# The run of record (issue #21), one H200, each line one call of under 9 minutes (a phase cut off by the time limit
+# is simply called again: finished arms, adapters and runs are skipped); set QLORA_NB_COMMIT=$(git rev-parse HEAD)
+# here and pass it, since the copy on the lent machine has no git history:
+#   main            the default job (bf16), its evaluation, and the judge (verdicts from token probabilities)
+#   compare-base    the study's 4 base-model arms (164 problems; greedy and n=20)
+#   compare-s0      the 4 adapters of training seed 0 (control/experiment x 2 folds) and their 8 arms
+#   compare-s1      the same with seed 1, then compare-s2: 3 training seeds per arm, the summary written after each
+#   fp16            the default job with quant.compute_dtype=float16 (a Colab T4), beside the bf16 main run: fp16.json
+# Every arm records generation_s, attention, generator and device; humaneval/generation_times.json gathers them.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD QLORA_NB_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf QLORA_NB_CACHE=/tmp/qcache
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,5 +32,6 @@ case "$1" in
          if [ -f .prev/prev.tgz ]; then mkdir -p /tmp/gpu_work && tar xzf .prev/prev.tgz -C /tmp/gpu_work; fi ;;
   *)     [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
          mkdir -p /tmp/gpu_work
-         timeout -s INT "${GPU_RUN_LIMIT:-540}" python3 benchmarks/gpu_run.py "$@" --work /tmp/gpu_work --pack "$OUT" ;;
+         QLORA_NB_COMMIT="${QLORA_NB_COMMIT:-}" timeout -s INT "${GPU_RUN_LIMIT:-540}" \
+           python3 benchmarks/gpu_run.py "$@" --work /tmp/gpu_work --pack "$OUT" ;;
 esac
