@@ -163,7 +163,7 @@ def generate_file(model, tok, input_path, output_path, s:GenerationSettings=Gene
     Path(output_path).write_text(json.dumps({'settings': asdict(s), 'results': results}, indent=2))
     return results
 
-# %% ../nbs/05a_inference.ipynb #97fdee2f
+# %% ../nbs/05a_inference.ipynb #98fabbc1
 def load_merged_generator(model:str='default', adapter:str|None=None, quant:QuantSettings|None=None,
                           attn_implementation:str='eager'):
     "(model, tokenizer): base `model` quantized as in training (`quant`), dequantized to 16-bit, `adapter` merged in."

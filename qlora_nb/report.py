@@ -72,22 +72,31 @@ def training_section(a) -> str:
             'final validation perplexity': s['final_eval_perplexity'], 'wall time (s)': s['wall_time_s'],
             'tokens seen': s['tokens_seen'], 'median tokens/s': tps[len(tps) // 2] if tps else None,
             **{f'peak memory ({k})': v for k, v in (s.get('peak_memory') or {}).items()}}
-    return '## Training\n\n' + _table(_values(rows), ['value']) + '\n![Training curves](training_curves.png)\n'
+    return ('## Training\n\n' + _provenance(a, f"training seed {a['config'].train.seed}") + '\n\n'
+            + _table(_values(rows), ['value'])) + '\n![Training curves](training_curves.png)\n'
 
 def evaluation_section(a) -> str:
     "Perplexity base vs fine-tuned, ROUGE-L, judged win rate."
     m, j = a['metrics'], a['judge']
     if not m: return '## Evaluation\n\nThis run has no `eval/metrics.json`: run `evaluate_run` on it.\n'
-    out = ('## Evaluation\n\nLoss and perplexity over the response tokens of the held-out test split:\n\n'
+    out = ('## Evaluation\n\n' + _provenance(a, f"training seed {a['config'].train.seed}; greedy decoding")
+           + ' Loss and perplexity over the response tokens of the held-out test split:\n\n'
            + _table(m['perplexity'], ['loss', 'perplexity', 'tokens']))
     out += (f"\nROUGE-L against the reference on {len(a['samples'] or [])} test examples, and answer length:\n\n"
             + _table(m['summary'], ['rougeL', 'mean words']))
     if j:
         ci = lambda v: f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
         r = {k: {'rate': v['rate'], '95% CI': ci(v)} for k, v in j['rates'].items()}
+        how = {'probabilities': "verdicts read from the judge's probabilities of the three verdict tokens",
+               'text': 'verdicts parsed from the judge\'s text'}.get(j.get('method', 'text'), j.get('method'))
         out += (f"\nPairwise judging of fine-tuned vs base on {len(j['questions'])} two-turn questions, both answer "
-                f"orders (judge: `{j['judge']}`): {j['judged']} judged, **{j['counts']['unparsed']} unparsed** "
+                f"orders (judge: `{j['judge']}`; {how}): {j['judged']} judged, **{j['counts']['unparsed']} unparsed** "
                 "(left out of the rates).\n\n" + _table(r, ['rate', '95% CI']))
+        if cc := j.get('text_cross_check'):
+            agree = 'none parsed' if cc['agreement'] is None else f"{cc['agreement']:.0%} agree with the probabilities"
+            out += (f"\nCross-check, the judge's written verdicts: {cc['text_unparsed']} of {cc['judgments']} "
+                    f"unparsed; of the others, {agree}. Verdicts by answer position, both orders: "
+                    f"{j.get('verdicts_by_position')}.\n")
     return out
 
 # %% ../nbs/08_report.ipynb #0188cb92
@@ -95,8 +104,20 @@ def _test_rows(tests:list, p:str) -> dict:
     "Paired tests as Markdown-table rows: the difference, its interval, the test's p and the Holm-adjusted p."
     def row(t):
         return {'diff (second − first)': t.diff, 'diff 95% CI': f'[{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]',
-                p: t.mcnemar_p if p == 'McNemar p' else t.bootstrap_p, 'Holm p': t.holm_p}
+                p: t.mcnemar_p if p == 'McNemar p' and t.mcnemar_p is not None else t.bootstrap_p, 'Holm p': t.holm_p}
     return {f'{t.first} vs {t.second}': row(t) for t in tests}
+
+def _seed_list(a, seeds:int) -> str:
+    "The training seeds of a study's adapters: the run's train.seed and the next ones."
+    s = a['config'].train.seed
+    return ', '.join(str(s + i) for i in range(seeds))
+
+def _provenance(a, seeds:str) -> str:
+    "Model, machine, commit and `seeds` of the numbers that follow."
+    env = a['summary'].get('environment') or {}
+    machine = env.get('gpu') or f"CPU ({env.get('cpu_count')} cores)"
+    return (f"Model {_model_name(a)}; machine {machine}; commit `{(env.get('git_commit') or 'not recorded')[:12]}`; "
+            f"{seeds}.")
 
 def _tests_table(tests:list, p:str) -> str:
     return _table(_test_rows(tests, p), ['diff (second − first)', 'diff 95% CI', p, 'Holm p'])
@@ -106,17 +127,30 @@ def humaneval_section(a) -> str:
     h = a['humaneval']
     if not h: return '## HumanEval\n\nNo HumanEval comparison for this run.\n'
     from qlora_nb.study import hypothesis_verdict
-    rows = h.arm_rows()
+    rows = {k: {c: v for c, v in r.items() if 'across seeds' not in c} for k, r in h.arm_rows().items()}
     cols = [c for c in next(iter(rows.values())) if c != 'problems']
-    out = ('## HumanEval\n\nEach fine-tuned arm is scored on the held-out fold of its training split (both folds, so '
-           'every problem once); the base model on all problems. Greedy decoding for pass@1; '
-           f'n = {h.n} samples per problem for pass@k. Each cell: pass@k [95% interval].\n\n' + _table(rows, cols))
+    seeds = h.training_seeds
+    from qlora_nb.humaneval import ArmSpec
+    out = ('## HumanEval\n\n' + _provenance(a, f'sampling and fold seed {ArmSpec.seed}') + ' Each fine-tuned arm is scored on the held-out fold of its training '
+           'split (both folds, so every problem once); the base model on all problems. Greedy decoding for pass@1; '
+           f'n = {h.n} samples per problem for pass@k. '
+           + (f'Each adapter arm was trained with {seeds} training seeds (train.seed {_seed_list(a, seeds)}); a cell is '
+              'the mean over seeds and problems [95% interval, hierarchical bootstrap over seeds and problems].'
+              if seeds > 1 else 'One training seed per adapter arm; a cell is pass@k [95% interval].')
+           + '\n\n' + _table(rows, cols))
+    spread = {k: {c.removesuffix(' across seeds'): v for c, v in r.items() if 'across seeds' in c}
+              for k, r in h.arm_rows().items()}
+    if spread := {k: r for k, r in spread.items() if r}:
+        out += ('\nAcross training seeds, each adapter arm: mean ± sd (min, max) of the seeds\' pass@k:\n\n'
+                + _table(spread, list(next(iter(spread.values())))))
+    hier = any(t.method == 'hierarchical bootstrap' for t in h.greedy_tests + h.pass10_tests)
+    how = ('hierarchical bootstrap over training seeds and problems' if hier else None)
     if h.greedy_tests:
-        out += ('\nPaired tests, greedy pass@1 (McNemar exact; Holm-adjusted over the pairs):\n\n'
-                + _tests_table(h.greedy_tests, 'McNemar p'))
+        out += (f"\nTests between arms, greedy pass@1 ({how or 'McNemar exact'}; Holm-adjusted over the pairs):\n\n"
+                + _tests_table(h.greedy_tests, 'bootstrap p' if hier else 'McNemar p'))
     if h.pass10_tests:
-        out += ('\nPaired tests, pass@10 (paired bootstrap over problems; Holm-adjusted over the pairs):\n\n'
-                + _tests_table(h.pass10_tests, 'bootstrap p'))
+        out += (f"\nTests between arms, pass@10 ({how or 'paired bootstrap over problems'}; Holm-adjusted over the "
+                'pairs):\n\n' + _tests_table(h.pass10_tests, 'bootstrap p'))
     return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h.hypothesis) + '\n'
 
 def hardware_section(a) -> str:
@@ -127,6 +161,14 @@ def hardware_section(a) -> str:
             'qlora_nb commit': env.get('git_commit'),
             **{f'wall time: {k}': v for k, v in (a['extra'].get('wall_times') or {}).items()}}
     out = '## Hardware and runtime\n\n' + _table(_values(rows), ['value'])
+    if fp := a['extra'].get('fp16'):
+        cols = ['compute_dtype', 'final_train_loss', 'final_eval_loss', 'final_eval_perplexity', 'wall_time_s', 'gpu',
+                'git_commit']
+        out += ("\nThe default job in float16, what a Colab T4 gets (it has no bfloat16), beside the same job in the "
+                "main run's dtype, on the same machine (`fp16.json`):\n\n"
+                + _table({k: v for k, v in fp.items() if isinstance(v, dict)}, cols))
+        if (d := fp.get('eval_loss_difference (fp16 - bf16)')) is not None:
+            out += f"\nValidation loss, float16 − bfloat16: {d:+.4f}.\n"
     if a.get('bench'):
         gpu = a['bench']['environment']['gpu']
         out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {gpu}, one lease; the issue's "
@@ -142,6 +184,9 @@ def _judge_caveat(a) -> str:
     "What the report says about the judge the run actually used."
     j = a['judge']
     if not j: return 'no judged comparison was run'
+    if j['judge'].startswith('local:') and j.get('method') == 'probabilities':
+        return ('the local judge is the base model itself, a weak and possibly self-preferring judge; its verdicts are '
+                "read from its probabilities of the three verdict tokens, with its written verdicts as a cross-check")
     if j['judge'].startswith('local:'):
         return ('the local judge is the base model itself, a weak and possibly self-preferring judge, which is why '
                 'unparsed judgments are reported rather than guessed')
@@ -149,7 +194,7 @@ def _judge_caveat(a) -> str:
 
 def _humaneval_point(hy, model:str) -> str:
     out = (f"On HumanEval the greedy pass@1 of control and experiment ({hy.control_pass1:.3f} vs "
-           f"{hy.experiment_pass1:.3f}) has McNemar p = {hy.mcnemar_p:.2f}")
+           f"{hy.experiment_pass1:.3f}) has {getattr(hy, 'test', 'McNemar')} p = {hy.mcnemar_p:.2f}")
     if max(hy.control_pass1, hy.experiment_pass1) < 0.1:
         return out + (f": {model} solves too few problems for this comparison to have power. The seed's +33–50% "
                       "is neither supported nor refuted here; a model that solves more problems, such as the "
@@ -169,7 +214,8 @@ def discussion_section(a) -> str:
                                "repeat the prompt's signature in a code block, a shape the fine-tuned model copies. "
                                "It is not evidence of correct code.")
     if h and h.hypothesis: pts.append(_humaneval_point(h.hypothesis, model))
-    pts.append("Threats to validity: one seed and one split per arm; HumanEval has 164 problems, so a difference "
+    seeds = f'{h.training_seeds} training seeds' if h and h.training_seeds > 1 else 'one training seed'
+    pts.append(f"Threats to validity: {seeds} and one split per arm; HumanEval has 164 problems, so a difference "
                f"of a few problems is noise; {_judge_caveat(a)}.")
     if h and h.hypothesis and max(h.hypothesis.control_pass1, h.hypothesis.experiment_pass1) < 0.1:
         pts.append(f"What {model} cannot show: whether metadata helps a model that can already write correct code "

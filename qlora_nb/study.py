@@ -50,7 +50,7 @@ def train_adapter(cfg:RunConfig) -> Run:
         train(cfg, resume=bool(run.checkpoints) or None, live=False)  # an interrupted one resumes
     return run
 
-# %% ../nbs/06c_study.ipynb #fe08d6ae
+# %% ../nbs/06c_study.ipynb #5ccb0f05
 def eval_generator(cfg:RunConfig, adapter:str|None=None) -> tuple:
     "((model, tokenizer), how) for a study's arms: `cfg.eval.humaneval_generator`, 'auto' being 'merged' on a GPU."
     import torch
