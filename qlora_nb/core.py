@@ -134,7 +134,7 @@ class EvalSettings:
     humaneval_max_new_tokens: int = 384  # a HumanEval completion
     humaneval_max_problems: Optional[int] = None  # a quick check: the first N problems of each fold
     humaneval_temperature: float = 0.8
-    humaneval_generator: str = 'auto'  # merged: 4-bit base dequantized + adapter merged; adapter: on top; auto: merged on a GPU
+    humaneval_generator: str = 'auto'  # study arms: 'merged' (fast, `05a`), 'adapter', or 'auto' (merged on a GPU)
     training_seeds: int = 3  # adapters per study arm, trained with train.seed, +1, +2, ...: the spread across seeds
 
 @dataclass

@@ -189,7 +189,8 @@ def verdict_token_ids(tok, prompt:str) -> dict:
     for letter, verdict in VERDICT_LETTERS.items():
         full = tok(prompt + letter, add_special_tokens=False).input_ids
         if full[:len(base)] != base or len(full) != len(base) + 1:
-            raise ValueError(f"judge tokenizer: {letter!r} after the prompt is not a token of its own: {full[len(base):]}")
+            raise ValueError(f"judge tokenizer: {letter!r} after the prompt is not a token of its own: "
+                             f"{full[len(base):]}")
         ids[verdict] = full[-1]
     if len(set(ids.values())) < len(ids): raise ValueError(f"judge tokenizer: verdict tokens not distinct: {ids}")
     return ids
@@ -208,7 +209,7 @@ def verdict_probs(model, tok, prompt:str) -> dict:
 
 # %% ../nbs/05_evaluation.ipynb #3dc4e965
 def local_judge(model, tok, max_new_tokens:int=8):
-    "A local chat model as judge, its reply started as `[[`: the verdicts' probabilities, and its text as a cross-check."
+    "A local chat model as judge (reply started as `[[`): verdict probabilities, its text as a cross-check."
     def judge(prompt:str) -> dict:
         p = build_prompt({'messages': [{'role': 'user', 'content': prompt}]}, tok, 'chat') + '[['
         text = '[[' + generate(model, tok, [p], GenerationSettings(max_new_tokens=max_new_tokens))[0]

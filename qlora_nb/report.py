@@ -131,10 +131,12 @@ def humaneval_section(a) -> str:
     cols = [c for c in next(iter(rows.values())) if c != 'problems']
     seeds = h.training_seeds
     from qlora_nb.humaneval import ArmSpec
-    out = ('## HumanEval\n\n' + _provenance(a, f'sampling and fold seed {ArmSpec.seed}') + ' Each fine-tuned arm is scored on the held-out fold of its training '
-           'split (both folds, so every problem once); the base model on all problems. Greedy decoding for pass@1; '
+    out = ('## HumanEval\n\n' + _provenance(a, f'sampling and fold seed {ArmSpec.seed}')
+           + ' Each fine-tuned arm is scored on the held-out fold of its training split (both folds, so every problem '
+           'once); the base model on all problems. Greedy decoding for pass@1; '
            f'n = {h.n} samples per problem for pass@k. '
-           + (f'Each adapter arm was trained with {seeds} training seeds (train.seed {_seed_list(a, seeds)}); a cell is '
+           + (f'Each adapter arm was trained with {seeds} training seeds (train.seed {_seed_list(a, seeds)}); '
+              'a cell is '
               'the mean over seeds and problems [95% interval, hierarchical bootstrap over seeds and problems].'
               if seeds > 1 else 'One training seed per adapter arm; a cell is pass@k [95% interval].')
            + '\n\n' + _table(rows, cols))

@@ -148,7 +148,7 @@ def _resampled_means(x:np.ndarray, problem_counts:np.ndarray, rng) -> np.ndarray
     return ((seed_counts @ x) * problem_counts).sum(1) / (s * n)
 
 def hierarchical_bootstrap(a:np.ndarray, b:np.ndarray, n_boot:int=10_000, seed:int=0) -> dict:
-    "Difference b − a of two arms' mean (seeds × the same problems), its 95% interval and p: seeds and problems resampled."
+    "Difference b − a of two arms' means (seeds × the same problems), 95% interval, p: seeds and problems resampled."
     rng = np.random.default_rng(seed)
     n = a.shape[1]
     problem_counts = rng.multinomial(n, np.full(n, 1 / n), n_boot)  # shared: the arms are paired on problems
@@ -167,7 +167,8 @@ def seeded_test(arms:dict, first:str, second:str, k:int=1) -> PairedTest:
 
 def compare_seeded_arms(arms:dict, k:int=1) -> list:
     "`PairedTest`s of every pair of arms with training seeds, Holm-adjusted; `compare_arms` when each has one seed."
-    if all(len(s) == 1 for s in arms.values()): return compare_arms({a: next(iter(s.values())) for a, s in arms.items()}, k)
+    if all(len(s) == 1 for s in arms.values()):
+        return compare_arms({a: next(iter(s.values())) for a, s in arms.items()}, k)
     tests = [seeded_test(arms, x, y, k) for x, y in itertools.combinations(arms, 2)]
     for t, q in zip(tests, holm([t.p for t in tests])): t.holm_p = q
     return tests

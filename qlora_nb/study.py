@@ -39,7 +39,8 @@ def arm_specs(cfg:RunConfig) -> dict:
 def adapter_config(cfg:RunConfig, study:Study, variant:str, fold:int, seed:int=0) -> RunConfig:
     "The config of the `variant` adapter holding out `fold`, training seed number `seed`, in the study's folder."
     run = study.adapter_run(Study.adapter_name(variant, fold, seed))
-    return replace(cfg, data=replace(cfg.data, variant=variant, fold=fold), train=replace(cfg.train, seed=cfg.train.seed + seed),
+    return replace(cfg, data=replace(cfg.data, variant=variant, fold=fold),
+                   train=replace(cfg.train, seed=cfg.train.seed + seed),
                    output=replace(cfg.output, output_dir=str(run.dir.parent), run_name=run.dir.name))
 
 def train_adapter(cfg:RunConfig) -> Run:
@@ -78,12 +79,13 @@ def run_comparison(cfg:RunConfig|Run, study=None, # a `Study` or its folder; def
         if not names: return
         (model, tok), how = eval_generator(cfg, adapter)
         for name in names:
-            r = evaluate_arm(replace(specs[name], adapter=adapter, generator=how), model, tok, study.arm_dir(name), problems,
-                             batch_size=batch_size, workers=workers)
+            r = evaluate_arm(replace(specs[name], adapter=adapter, generator=how), model, tok, study.arm_dir(name),
+                             problems, batch_size=batch_size, workers=workers)
             print(f"{name}: " + ', '.join(f'{k} {v:.3f}' for k, v in r.items() if k.startswith('pass@')), flush=True)
     run_arms(todo('base-'))
     if not adapters: return write_summary(comparison_summary(study, cfg.eval.humaneval_n), study)
-    for v, f, s in itertools.product(('control', 'experiment'), range(cfg.data.n_folds), range(cfg.eval.training_seeds)):
+    variants, folds, seeds = ('control', 'experiment'), range(cfg.data.n_folds), range(cfg.eval.training_seeds)
+    for v, f, s in itertools.product(variants, folds, seeds):
         if names := todo(Study.adapter_name(v, f, s) + '-', adapter=True):  # trained only when an arm is still to do
             run_arms(names, str(train_adapter(adapter_config(cfg, study, v, f, s)).adapter_dir))
     return write_summary(comparison_summary(study, cfg.eval.humaneval_n), study)
