@@ -66,20 +66,20 @@ LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
 
 
 # ---------------------------------------------------------------- one process of a case (--case)
-def quantize_layerwise(config, device, storage):
-    """A random model of `config` on `device`, its linears NF4 (double quant) with codes stored as `storage`: built on
-    the meta device and materialized one module at a time, so the 16-bit model never exists whole."""
+def quantize_layerwise(config, device, dtype, storage):
+    """A random model of `config` on `device` in `dtype`, its linears NF4 (double quant) with codes stored as `storage`:
+    built on the meta device and materialized one module at a time, so the 16-bit model never exists whole."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    with torch.device('meta'): model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device('meta'): model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and name != 'lm_head':
                 with torch.device('meta'):
                     q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, quant_type='nf4', compress_statistics=True,
+                                          compute_dtype=dtype, quant_type='nf4', compress_statistics=True,
                                           quant_storage=storage)
-                w = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16, device=device) * 0.02
+                w = torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type='nf4', compress_statistics=True,
                                              quant_storage=storage, module=q)  # the module keeps the quant state (FSDP)
                 setattr(mod, name, q.to(device))
@@ -91,7 +91,7 @@ def quantize_layerwise(config, device, storage):
             if not isinstance(p, bnb.nn.Params4bit):
                 p.copy_(torch.ones_like(p) if 'norm' in n else torch.randn_like(p) * 0.02)
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config, device=device)  # its inv_freq, computed again
+    with torch.device(device): model.model.rotary_emb = type(rotary)(model.config)  # its inv_freq, computed again
     model.is_loaded_in_4bit = True
     model.config.quantization_config = {'load_in_4bit': True, 'bnb_4bit_quant_type': 'nf4'}
     return model
@@ -99,9 +99,11 @@ def quantize_layerwise(config, device, storage):
 
 def run_case(name, tiny, out_prefix, work):
     from bench import StepTimer, peak_gib, product_choices, product_config, product_trainer, real_rows, reset_memory
+    from qlora_nb.core import resolve_compute_dtype
     from qlora_nb.distributed import fsdp_enabled, local_rank, start_processes, world_size
     from qlora_nb.weights import resolve_model, tiny_model_dir
     shape, procs, distributed, steps, batch, accum = CASES[name]
+    steps = min(steps, 5) if tiny else steps  # a bfloat16-less CPU: the code, not the numbers
     start_processes()
     rank = int(os.environ.get('RANK', 0))
     device = torch.device('cuda', local_rank()) if torch.cuda.is_available() else torch.device('cpu')
@@ -110,8 +112,8 @@ def run_case(name, tiny, out_prefix, work):
     tok, data = real_rows(model_path, 512 if tiny else 2048, 16 if tiny else None)
     reset_memory(); torch.manual_seed(0)
     t0 = time.perf_counter()
-    storage = torch.bfloat16 if fsdp_enabled() else torch.uint8
-    model = quantize_layerwise(shapes(tiny)[shape], device, storage)
+    dtype = resolve_compute_dtype('auto')  # bfloat16 on the GPUs; float32 in --tiny mode (QLORA_NB_CPU_DTYPE)
+    model = quantize_layerwise(shapes(tiny)[shape], device, dtype, dtype if fsdp_enabled() else torch.uint8)
     build_s, build_peak = time.perf_counter() - t0, peak_gib()
     reset_memory()  # the peak of training, not of building the random model (FSDP shards it when the trainer starts)
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
@@ -135,6 +137,14 @@ def run_case(name, tiny, out_prefix, work):
 
 
 # ---------------------------------------------------------------- the driver
+def accelerate_env(conf) -> dict:
+    "The environment `accelerate launch --config_file conf` gives its processes (FSDP's settings among them)."
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(['--config_file', str(conf), 'x.py']))
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(('ACCELERATE_', 'FSDP_'))}
+
+
 def launch(name, tiny, work):
     "Run case `name` in its own process(es); its merged row, or the reason it failed."
     from qlora_nb.distributed import accelerate_config
@@ -142,11 +152,12 @@ def launch(name, tiny, work):
     prefix = work/f'{name}-{time.time_ns()}'
     me = [str(Path(__file__).resolve()), '--case', name, '--prefix', str(prefix), '--work', str(work)] + (['--tiny'] if tiny else [])
     if procs == 1: cmd = [sys.executable] + me
-    elif tiny: cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(procs)] + me
-    else:
-        conf = accelerate_config(distributed, procs, work)
-        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(conf)] + me
+    else: cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
+                 str(accelerate_config(distributed, procs, work))] + me
     env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    if tiny and procs > 1:  # accelerate launch runs one process on a CPU: torchrun, with the variables accelerate sets
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(procs)] + me
+        env |= accelerate_env(accelerate_config(distributed, procs, work))
     if tiny: env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -169,7 +180,7 @@ def summary(rows):
         if one.get('tokens_per_s') and two.get('tokens_per_s'): s['ddp_scaling_2gpu'] = two['tokens_per_s'] / one['tokens_per_s']
         n = min(20, len(one['losses']), len(two['losses']))
         rel = [abs(a - b) / abs(b) for a, b in zip(two['losses'][:n], one['losses'][:n])]
-        s['ddp_loss_matches_single'] = bool(n == 20 and max(rel) <= 0.02)
+        s['ddp_loss_matches_single'] = bool(n == min(20, len(one['losses'])) and max(rel) <= 0.02)
     if ok('single-8b'): s['single_gpu_peak_gib_8b'] = rows['single-8b']['peak_gib_per_gpu']
     if ok('fsdp-8b'): s['fsdp_peak_gib_per_gpu_8b'] = rows['fsdp-8b']['peak_gib_per_gpu']
     done = [n for n in LADDER if ok(n) and rows[n]['steps'] >= 5]
