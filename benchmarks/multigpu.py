@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Several GPUs of one host: DDP's scaling and FSDP-QLoRA's memory, with the product's own training path (04b_multi_gpu).
 
-    python benchmarks/multigpu.py              # on a host with >= 2 GPUs: every case (about 8 minutes on 2 H200s)
+    python benchmarks/multigpu.py              # on a host with >= 2 GPUs: every case
     python benchmarks/multigpu.py --only fsdp  # only the cases whose names contain a word (others already measured stay)
     python benchmarks/multigpu.py --tiny       # anywhere: the same code on a tiny model, 2 CPU processes (gloo)
 
@@ -29,6 +29,13 @@ timing callback only.
   different masks in the two runs, so they are close, not equal).
 * fsdp-8b: the 8B shape sharded over 2 GPUs with FSDP-QLoRA, 6 steps; its per-GPU peak against single-8b's.
 * fsdp-70b, then fsdp-32b, fsdp-13b until one succeeds: the largest shape trained for >= 5 steps with FSDP-QLoRA.
+* cli-ddp, cli-fsdp: the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model (the product's
+  `load_model` path, its accelerate configs, sharded checkpoints, `--resume`, the gathered final adapter): 4 steps, then
+  resumed to 6. No speed is read from them.
+
+If one command would run past a time limit, split it: `--only 8b` and then `--only 70b 32b 13b cli` (cases already in
+the results file are kept and not run again; failed ones are tried again). In --tiny mode the FSDP cases are skipped
+(torch FSDP needs an accelerator) and the cli cases start their 2 processes with torchrun on the CPU.
 """
 import argparse, datetime, json, os, subprocess, sys, time
 from pathlib import Path
@@ -63,6 +70,8 @@ CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accu
     'fsdp-8b': ('8b', 2, 'fsdp', 6, 2, 2),
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
+CLI_CASES = ('cli-ddp', 'cli-fsdp')  # the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model
+NO_FSDP_ON_CPU = 'skipped in --tiny mode: torch FSDP needs an accelerator (CUDA, XPU, ...)'
 
 
 # ---------------------------------------------------------------- one process of a case (--case)
@@ -172,8 +181,45 @@ def launch(name, tiny, work):
             'wall_s': wall}
 
 
+def cli_case(name, tiny, work):
+    """`qlora_nb train --gpus 2 [--fsdp]` on the default model, as a user runs it: 4 steps with checkpoints, then
+    `--resume` to step 6; the run's files, and whether plain peft loads the adapter it wrote."""
+    from qlora_nb.core import Run
+    out = work/name
+    argv = ['train', '--model', 'default', '--set', f'output.output_dir={out}', '--set', 'output.run_name=run',
+            '--set', 'output.report_to=[]', '--set', 'data.max_samples=32', '--set', 'data.max_seq_length=512',
+            '--set', 'train.per_device_train_batch_size=2', '--set', 'train.gradient_accumulation_steps=2',
+            '--set', 'train.logging_steps=1', '--set', 'train.eval_steps=2', '--set', 'train.save_steps=2']
+    env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    if tiny:  # no GPUs: the processes `--gpus 2` would launch, started by torchrun
+        env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
+        from qlora_nb.weights import tiny_model_dir
+        argv[2] = str(tiny_model_dir())
+        start = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'qlora_nb.cli']
+        launch_opts = []
+    else: start, launch_opts = [sys.executable, '-m', 'qlora_nb.cli'], ['--gpus', '2'] + (['--fsdp'] if 'fsdp' in name else [])
+    res, t0 = {'case': name, 'processes': 2, 'distributed': 'fsdp' if 'fsdp' in name else 'ddp'}, time.perf_counter()
+    for steps, resume in ((4, []), (6, ['--resume'])):
+        r = subprocess.run(start + argv + ['--set', f'train.max_steps={steps}'] + resume + launch_opts,
+                           env=env, capture_output=True, text=True)
+        if r.returncode:
+            return res | {'failed': True, 'returncode': r.returncode, 'at_steps': steps, 'error': (r.stderr or r.stdout)[-3000:]}
+    run = Run(out/'run')
+    s = run.read_summary()
+    res |= {'wall_s': time.perf_counter() - t0, 'global_step': s['global_step'], 'resumed_from': s['resumed_from'],
+            'effective_batch': s['effective_batch'], 'summary_processes': s['processes'],
+            'losses': [h['loss'] for h in run.read_history() if 'loss' in h],
+            'checkpoint_files': sorted(p.name for p in run.checkpoints[-1].iterdir()),
+            'adapter_files': sorted(p.name for p in run.adapter_dir.iterdir()), 'peak_memory': s['peak_memory']}
+    from safetensors.torch import load_file
+    weights = load_file(str(run.adapter_dir/'adapter_model.safetensors'))
+    res['adapter_tensors'] = len(weights)
+    res['adapter_complete'] = bool(weights) and all(t.numel() > 0 for t in weights.values())  # gathered, not a shard
+    return res
+
+
 def summary(rows):
-    ok = lambda n: n in rows and not rows[n].get('failed')
+    ok = lambda n: n in rows and not (rows[n].get('failed') or rows[n].get('skipped'))
     s = dict.fromkeys(SUMMARY_KEYS)
     if ok('single-8b') and ok('ddp-8b'):
         one, two = rows['single-8b'], rows['ddp-8b']
@@ -211,22 +257,25 @@ def main(argv=None):
     dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}multigpu-{datetime.date.today()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(dest.read_text())['rows'] if dest.exists() else {}
-    rows = {n: r for n, r in rows.items() if not r.get('failed')}  # a failed case is tried again
+    rows = {n: r for n, r in rows.items() if not (r.get('failed') or r.get('skipped'))}  # tried again
     def save():
         from bench import environment
         out = {'summary': summary(rows), 'ddp_loss_rel_diffs': loss_diffs(rows), 'tiny': args.tiny,
                'environment': environment(), 'rows': rows}
         dest.write_text(json.dumps(out, indent=2, default=str)); return out
-    for name in CASES:
+    for name in (*CASES, *CLI_CASES):
         if args.only and not any(w in name for w in args.only): continue
         if name in rows: continue
-        if name in LADDER and any(n in rows and not rows[n].get('failed') and rows[n]['steps'] >= 5
+        if args.tiny and 'fsdp' in name:
+            rows[name] = {'case': name, 'skipped': NO_FSDP_ON_CPU}; continue
+        if name in LADDER and any(n in rows and not rows[n].get('failed') and rows[n].get('steps', 0) >= 5
                                   for n in LADDER[:LADDER.index(name)]): continue  # a larger shape already trained
         if args.tiny and name in LADDER[1:]: continue  # one tiny shape: the ladder's first rung checks the code
-        rows[name] = launch(name, args.tiny, work)
+        rows[name] = cli_case(name, args.tiny, work) if name in CLI_CASES else launch(name, args.tiny, work)
         r = rows[name]
         print(name, 'FAILED: ' + r['error'][-1500:] if r.get('failed') else
-              {k: r.get(k) for k in ('processes', 'steps', 'tokens_per_s', 'peak_gib_per_gpu', 'wall_s')}, flush=True)
+              {k: r.get(k) for k in ('processes', 'steps', 'global_step', 'tokens_per_s', 'peak_gib_per_gpu', 'wall_s')},
+              flush=True)
         save()
     out = save()
     print(json.dumps(out['summary'], indent=2)); print(f'wrote {dest}')
