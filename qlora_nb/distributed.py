@@ -8,7 +8,7 @@ __all__ = ['DDP', 'FSDP_QLORA', 'world_size', 'local_rank', 'is_main_process', '
            'launch_command', 'multigpu_results']
 
 # %% ../nbs/04b_multi_gpu.ipynb #7214ad8c
-import os, sys, tempfile, warnings
+import math, os, sys, tempfile, warnings
 from pathlib import Path
 
 import yaml  # no torch up front: `qlora_nb.model` imports this module, and the command line starts without torch
@@ -48,12 +48,13 @@ def start_processes():
 # %% ../nbs/04b_multi_gpu.ipynb #986cb6af
 def split_batch(cfg:RunConfig, processes:int|None=None) -> dict:
     "Per-process batch and accumulation that keep the run's effective batch over `processes` (default: launched)."
-    n = processes or world_size()
-    b, acc = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
-    if acc % n == 0: return {'per_device_train_batch_size': b, 'gradient_accumulation_steps': acc // n}
-    if b % n == 0: return {'per_device_train_batch_size': b // n, 'gradient_accumulation_steps': acc}
-    raise ConfigError(f"train.gradient_accumulation_steps={acc} x train.per_device_train_batch_size={b}: an effective "
-                      f"batch of {acc * b} cannot be split over {n} processes; make one of them a multiple of {n}")
+    n, b = processes or world_size(), cfg.train.per_device_train_batch_size
+    total = b * cfg.train.gradient_accumulation_steps
+    if total % n: raise ConfigError(f"train.per_device_train_batch_size={b} x train.gradient_accumulation_steps="
+                                    f"{cfg.train.gradient_accumulation_steps}: an effective batch of {total} cannot be "
+                                    f"split over {n} processes; make it a multiple of {n}")
+    per_device = math.gcd(b, total // n)  # never a larger micro-batch than configured: no more memory per GPU
+    return {'per_device_train_batch_size': per_device, 'gradient_accumulation_steps': total // n // per_device}
 
 def effective_batch(args) -> int:
     "Examples per optimizer step of trainer arguments `args`: per-device batch x accumulation x processes."
