@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'benchmarks'))
@@ -67,7 +68,7 @@ def shapes(tiny):
 
 CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accumulation as configured)
     'single-8b': ('8b', 1, 'ddp', 20, 4, 2), 'ddp-8b': ('8b', 2, 'ddp', 20, 4, 2),
-    'fsdp-8b': ('8b', 2, 'fsdp', 6, 2, 2),
+    'fsdp-8b': ('8b', 2, 'fsdp', 6, 4, 2),  # the single GPU's micro-batch of 4: peaks compare
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
 CLI_CASES = ('cli-ddp', 'cli-fsdp')  # the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model
@@ -75,6 +76,15 @@ NO_FSDP_ON_CPU = 'skipped in --tiny mode: torch FSDP needs an accelerator (CUDA,
 
 
 # ---------------------------------------------------------------- one process of a case (--case)
+class TrainPeak(TrainerCallback):
+    """Peak GPU memory from the start of training: after FSDP has sharded the model (the random model is built whole on
+    each GPU first, which the product's CPU-RAM-efficient loading avoids), and after DDP has wrapped it."""
+    def __init__(self): self.at_start = None
+    def on_train_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            self.at_start = torch.cuda.memory_allocated() / 2**30; torch.cuda.reset_peak_memory_stats()
+
+
 def quantize_layerwise(config, device, dtype, storage):
     """A random model of `config` on `device` in `dtype`, its linears NF4 (double quant) with codes stored as `storage`:
     built on the meta device and materialized one module at a time, so the 16-bit model never exists whole."""
@@ -125,10 +135,12 @@ def run_case(name, tiny, out_prefix, work):
     model = quantize_layerwise(shapes(tiny)[shape], device, dtype, dtype if fsdp_enabled() else torch.uint8)
     build_s, build_peak = time.perf_counter() - t0, peak_gib()
     reset_memory()  # the peak of training, not of building the random model (FSDP shards it when the trainer starts)
+    big = ['train.gradient_checkpointing=true'] if name in LADDER else []  # 'auto' does not know FSDP shards the weights
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
-                         extra=[f'train.distributed={distributed}'])
+                         extra=[f'train.distributed={distributed}', *big])
     choices = product_choices(cfg, model)
     trainer, timer, _ = product_trainer(cfg, model, tok, data)
+    peak = TrainPeak(); trainer.add_callback(peak)
     trainer.train()
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     row = {'case': name, 'shape': shape, 'processes': world_size(), 'distributed': distributed, 'fsdp': fsdp_enabled(),
@@ -138,7 +150,7 @@ def run_case(name, tiny, out_prefix, work):
            'effective_batch': trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size,
            'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s, 'build_peak_gib': build_peak, **choices,
-           'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged]}
+           'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged]}
     if len(timer.times) > 1 and len(logged) > 1:  # from the second step on: the first one warms kernels up
         row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (timer.times[-1] - timer.times[0])
         row['step_s'] = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
