@@ -366,7 +366,8 @@ MIN_GPUS = {'7b': 1, '13b': 1, '70b': 2}  # the seeds' "multiple A100 (80GB) or 
 def presets_table():
     "A DataFrame of every preset's overrides."
     import pandas as pd
-    rows = {**RUN_PRESETS, **{k: {**v, 'min GPU memory (GB)': MIN_GPU_GB[k], 'min GPUs': MIN_GPUS[k]} for k, v in SIZE_PRESETS.items()}}
+    sizes = {k: {**v, 'min GPU memory (GB)': MIN_GPU_GB[k], 'min GPUs': MIN_GPUS[k]} for k, v in SIZE_PRESETS.items()}
+    rows = {**RUN_PRESETS, **sizes}
     return pd.DataFrame(rows, dtype=object).T.fillna('')
 
 # %% ../nbs/00_core.ipynb #44f510f3

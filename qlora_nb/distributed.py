@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DDP', 'FSDP_QLORA', 'world_size', 'local_rank', 'is_main_process', 'fsdp_enabled', 'training_device_map',
-           'start_processes', 'split_batch', 'effective_batch', 'process_args', 'save_adapter', 'accelerate_config',
-           'launch_command', 'multigpu_results']
+           'start_processes', 'split_batch', 'effective_batch', 'batch_line', 'process_args', 'save_adapter',
+           'accelerate_config', 'launch_command', 'multigpu_results']
 
 # %% ../nbs/04b_multi_gpu.ipynb #7214ad8c
 import math, os, sys, tempfile, warnings
@@ -59,6 +59,11 @@ def split_batch(cfg:RunConfig, processes:int|None=None) -> dict:
 def effective_batch(args) -> int:
     "Examples per optimizer step of trainer arguments `args`: per-device batch x accumulation x processes."
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+def batch_line(args) -> str:
+    "The effective batch of trainer arguments `args`, stated with its factors."
+    return (f"effective batch {effective_batch(args)} = {args.per_device_train_batch_size} per device x "
+            f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes")
 
 # %% ../nbs/04b_multi_gpu.ipynb #dfc6545e
 def process_args(cfg:RunConfig) -> dict:

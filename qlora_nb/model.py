@@ -59,8 +59,8 @@ def load_model(m:ModelSettings=ModelSettings(), q:QuantSettings=QuantSettings(),
     # under FSDP the 4-bit weights are stored in the compute dtype: FSDP shards float tensors only (04b_multi_gpu)
     storage = dtype if fsdp_enabled() else torch.uint8
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant_config(q, storage), dtype=dtype, attn_implementation=_attn(m.attn_implementation),
-        device_map=training_device_map(), trust_remote_code=m.trust_remote_code)
+        path, quantization_config=quant_config(q, storage), dtype=dtype, device_map=training_device_map(),
+        attn_implementation=_attn(m.attn_implementation), trust_remote_code=m.trust_remote_code)
     tok = load_tokenizer(path, padding_side)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -22,7 +22,8 @@ from .core import Run, RunConfig, resolve_compute_dtype, check_gpu_count, check_
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora
-from .distributed import effective_batch, is_main_process, process_args, save_adapter, start_processes, world_size
+from .distributed import (batch_line, effective_batch, is_main_process, process_args, save_adapter,
+                                  start_processes, world_size)
 from .weights import resolve_model
 
 # %% ../nbs/04_training.ipynb #5298462c
@@ -298,6 +299,7 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     model, tok = load_model(cfg.model, cfg.quant)
     model = add_run_lora(cfg, model)
     trainer = build_trainer(cfg, data, model, tok, callbacks, live)
+    if world_size() > 1 and trainer.is_world_process_zero(): print(batch_line(trainer.args), flush=True)
     start = time.time()
     try: trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
