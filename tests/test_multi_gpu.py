@@ -105,3 +105,22 @@ def test_resume_continues_the_two_process_run(runs):
     resumed, _ = _losses(runs/'resumed'/'qlora-run')
     assert resumed[-2:] == pytest.approx(full[-2:], rel=1e-4), (resumed, full)
     assert json.loads((runs/'resumed'/'qlora-run'/'run_summary.json').read_text())['global_step'] == 4
+
+
+def test_benchmark_summary():
+    "benchmarks/multigpu.py's summary: exactly the issue's keys, read from the rows it measured (its --tiny mode ran them)."
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import multigpu
+    one = {'tokens_per_s': 1000.0, 'losses': [2.0] * 20, 'peak_gib_per_gpu': 30.0, 'steps': 20}
+    rows = {'single-8b': one, 'ddp-8b': {**one, 'tokens_per_s': 1900.0, 'losses': [2.0] * 19 + [2.05]},
+            'fsdp-8b': {**one, 'peak_gib_per_gpu': 12.0}, 'fsdp-70b': {'failed': True, 'error': 'OOM'},
+            'fsdp-32b': {'shape': '32b', 'steps': 6, 'peak_gib_per_gpu': 60.0}}
+    s = multigpu.summary(rows)
+    assert tuple(s) == multigpu.SUMMARY_KEYS == ('ddp_scaling_2gpu', 'ddp_loss_matches_single', 'fsdp_peak_gib_per_gpu_8b',
+                                                 'single_gpu_peak_gib_8b', 'fsdp_largest_shape')
+    assert s['ddp_scaling_2gpu'] == pytest.approx(1.9)
+    assert s['ddp_loss_matches_single'] is False  # the 20th loss is 2.5% off
+    assert (s['fsdp_peak_gib_per_gpu_8b'], s['single_gpu_peak_gib_8b']) == (12.0, 30.0)
+    assert s['fsdp_largest_shape'] == {'shape': '32B', 'steps': 6, 'peak_gib_per_gpu': 60.0}  # 70B failed: the next rung
+    rows['ddp-8b']['losses'][-1] = 2.03
+    assert multigpu.summary(rows)['ddp_loss_matches_single'] is True
