@@ -103,14 +103,17 @@ def quantize_layerwise(config, device, dtype, storage):
                                              quant_storage=storage, module=q)  # the module keeps the quant state (FSDP)
                 setattr(mod, name, q.to(device))
                 del w
-    # what is left on meta (embeddings, norms, lm_head; the rotary buffers): materialized on the device
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if not isinstance(p, bnb.nn.Params4bit):
-                p.copy_(torch.ones_like(p) if 'norm' in n else torch.randn_like(p) * 0.02)
+    # what is left on meta (embeddings, norms, lm_head; the rotary buffers): materialized on the device, one at a time
+    for mod in list(model.modules()):
+        for n, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                norm = 'norm' in type(mod).__name__.lower()
+                value = torch.ones(p.shape, dtype=p.dtype, device=device) if norm else \
+                        torch.randn(p.shape, dtype=p.dtype, device=device) * 0.02
+                setattr(mod, n, nn.Parameter(value, requires_grad=p.requires_grad))
     rotary = model.model.rotary_emb
     with torch.device(device): model.model.rotary_emb = type(rotary)(model.config)  # its inv_freq, computed again
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), 'a tensor was left on the meta device'
     model.is_loaded_in_4bit = True
     model.config.quantization_config = {'load_in_4bit': True, 'bnb_4bit_quant_type': 'nf4'}
     return model
