@@ -152,7 +152,8 @@ def run_case(name, tiny, out_prefix, work):
            'accumulation': trainer.args.gradient_accumulation_steps,
            'effective_batch': trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size,
-           'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s, 'build_peak_gib': build_peak, **choices,
+           'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s,
+           'build_peak_gib': build_peak, **choices,
            'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged]}
     if len(timer.times) > 1 and len(logged) > 1:  # from the second step on: the first one warms kernels up
         row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (timer.times[-1] - timer.times[0])
@@ -174,7 +175,8 @@ def launch(name, tiny, work):
     from qlora_nb.distributed import accelerate_config
     _, procs, distributed, *_ = CASES[name]
     prefix = work/f'{name}-{time.time_ns()}'
-    me = [str(Path(__file__).resolve()), '--case', name, '--prefix', str(prefix), '--work', str(work)] + (['--tiny'] if tiny else [])
+    me = [str(Path(__file__).resolve()), '--case', name, '--prefix', str(prefix), '--work', str(work)]
+    me += ['--tiny'] if tiny else []
     if procs == 1: cmd = [sys.executable] + me
     else: cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
                  str(accelerate_config(distributed, procs, work))] + me
@@ -238,7 +240,8 @@ def summary(rows):
     s = dict.fromkeys(SUMMARY_KEYS)
     if ok('single-8b') and ok('ddp-8b'):
         one, two = rows['single-8b'], rows['ddp-8b']
-        if one.get('tokens_per_s') and two.get('tokens_per_s'): s['ddp_scaling_2gpu'] = two['tokens_per_s'] / one['tokens_per_s']
+        if one.get('tokens_per_s') and two.get('tokens_per_s'):
+            s['ddp_scaling_2gpu'] = two['tokens_per_s'] / one['tokens_per_s']
         n = min(20, len(one['losses']), len(two['losses']))
         rel = [abs(a - b) / abs(b) for a, b in zip(two['losses'][:n], one['losses'][:n])]
         s['ddp_loss_matches_single'] = bool(n == min(20, len(one['losses'])) and max(rel) <= 0.02)
@@ -252,7 +255,7 @@ def summary(rows):
 
 def loss_diffs(rows):
     "Relative differences of the DDP run's losses from the single GPU's, step by step."
-    if 'single-8b' not in rows or 'ddp-8b' not in rows or rows['single-8b'].get('failed') or rows['ddp-8b'].get('failed'): return None
+    if any(n not in rows or rows[n].get('failed') for n in ('single-8b', 'ddp-8b')): return None
     return [abs(a - b) / abs(b) for a, b in zip(rows['ddp-8b']['losses'], rows['single-8b']['losses'])]
 
 

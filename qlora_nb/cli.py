@@ -331,6 +331,6 @@ def main(argv=None) -> int:
 
 
 # %% ../nbs/09_cli.ipynb #13d2393f
-# `python -m qlora_nb.cli ...` is the command itself: `accelerate launch -m qlora_nb.cli` and torchrun start it so (04b).
+# `python -m qlora_nb.cli ...` is the command itself: `accelerate launch -m qlora_nb.cli` and torchrun run it (04b).
 # A notebook runs as __main__ too, but it has no __file__.
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
