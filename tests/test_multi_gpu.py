@@ -1,6 +1,7 @@
 """Two processes train what one process trains, and only rank 0 writes (04b_multi_gpu).
 
-The same `qlora_nb train` config runs once in one process and once in two (torchrun, gloo backend, CPU): the two-process
+The same `qlora_nb train` config runs once in one process and once in two, started as `qlora_nb train --gpus 2` starts
+them (`launch_command`: `accelerate launch` with the product's DDP config; on a CPU, the gloo backend): the two-process
 run splits the gradient accumulation (`split_batch`), so both take the same 4 examples per optimizer step, in the same
 order. LoRA dropout is off and the compute dtype is float32, so nothing random or coarse differs: the gradients differ
 only by the order of floating-point sums (the all-reduce). Adam's first updates are about lr x sign(gradient), so a
@@ -50,6 +51,7 @@ def _run(cmd, tmp, log):
            'TQDM_DISABLE': '1'}
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    (tmp/f'{log}.out').write_text(r.stdout)
     return r
 
 
@@ -68,12 +70,13 @@ def runs(tmp_path_factory):
     from qlora_nb.weights import tiny_model_dir
     tmp, model = tmp_path_factory.mktemp('multi'), tiny_model_dir()
     (tmp/'audit').mkdir(); (tmp/'audit'/'sitecustomize.py').write_text(AUDIT)
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'qlora_nb.cli']
-    _run(torchrun + _train_args(model, tmp/'two'), tmp, 'two')
+    from qlora_nb.distributed import launch_command
+    two = lambda out, resume=False: launch_command(_train_args(model, out, resume=resume), 2, 'ddp', tmp)
+    _run(two(tmp/'two'), tmp, 'two')
     _run([sys.executable, '-m', 'qlora_nb.cli'] + _train_args(model, tmp/'one'), tmp, 'one')
     # an interrupted two-process run: only its first checkpoint survives, then `--resume` continues it
     shutil.copytree(tmp/'two'/'qlora-run'/'checkpoint-2', tmp/'resumed'/'qlora-run'/'checkpoint-2')
-    _run(torchrun + _train_args(model, tmp/'resumed', resume=True), tmp, 'resumed')
+    _run(two(tmp/'resumed', resume=True), tmp, 'resumed')
     return tmp
 
 
@@ -83,6 +86,7 @@ def test_two_processes_train_what_one_trains(runs):
     assert two == pytest.approx(one, rel=1e-4), (two, one)
     assert two_eval == pytest.approx(one_eval, rel=1e-3), (two_eval, one_eval)
     s2, s1 = (json.loads((runs/d/'qlora-run'/'run_summary.json').read_text()) for d in ('two', 'one'))
+    assert 'effective batch 4 = 2 per device x 1 accumulation x 2 processes' in (runs/'two.out').read_text()
     assert (s2['processes'], s2['distributed'], s2['effective_batch']) == (2, 'ddp', 4)
     assert (s1['processes'], s1['distributed'], s1['effective_batch']) == (1, None, 4)
     assert s2['tokens_seen'] == s1['tokens_seen'] > 0  # the same tokens, counted over both ranks
