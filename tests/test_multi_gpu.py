@@ -8,7 +8,7 @@ only by the order of floating-point sums (the all-reduce). Adam's first updates 
 gradient component near zero whose sign that order flips moves its weight the other way: the losses from the third step
 on differ a little, hence a relative tolerance of 1e-4. The evaluation is gathered from both ranks by the `Trainer`, on
 those slightly different weights, hence 1e-3. Measured on this 2-core CPU: 1.3e-5 (training), 1.6e-4 (evaluation),
-5e-6 (resumed against uninterrupted); the whole file takes about 110 s.
+5e-6 (resumed against uninterrupted); the whole file takes 90 to 120 s.
 
 Every process records the files it opens for writing (an audit hook in a `sitecustomize` on its path); rank 1 must write
 nothing under the output folder, and the one file of its own in a checkpoint, `rng_state_1.pth`, must be there (torch
