@@ -16,7 +16,7 @@ ddp_loss_matches_single, fsdp_peak_gib_per_gpu_8b, single_gpu_peak_gib_8b, fsdp_
 
 Each case is one launch of this file with --case: one process for the single-GPU case, or 2 processes through
 `accelerate launch` with the product's own accelerate config (`qlora_nb.distributed.accelerate_config`, DDP or FSDP-QLoRA;
-torchrun with gloo in --tiny mode). Each process builds a random-weight Llama-shaped model in memory, quantized to NF4
+in --tiny mode on the CPU, where torch's gloo backend joins the processes). Each process builds a random-weight Llama-shaped model in memory, quantized to NF4
 (`bench.py`'s approach: the values do not change speed or memory, and no checkpoint need exist; under FSDP the 4-bit codes
 are stored as bfloat16, as `load_model` stores them), layer by layer so that a 70B shape never exists in 16 bits. Then the
 product trains it: `add_run_lora` + `build_trainer` + `trainer.train` through `bench.product_trainer`, on the real
@@ -35,7 +35,7 @@ timing callback only.
 
 If one command would run past a time limit, split it: `--only 8b` and then `--only 70b 32b 13b cli` (cases already in
 the results file are kept and not run again; failed ones are tried again). In --tiny mode the FSDP cases are skipped
-(torch FSDP needs an accelerator) and the cli cases start their 2 processes with torchrun on the CPU.
+(torch FSDP needs an accelerator), and cli-ddp runs the command `--gpus 2` would run (`launch_command`) on the CPU.
 """
 import argparse, datetime, json, os, subprocess, sys, time
 from pathlib import Path
@@ -162,14 +162,6 @@ def run_case(name, tiny, out_prefix, work):
 
 
 # ---------------------------------------------------------------- the driver
-def accelerate_env(conf) -> dict:
-    "The environment `accelerate launch --config_file conf` gives its processes (FSDP's settings among them)."
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(['--config_file', str(conf), 'x.py']))
-    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(('ACCELERATE_', 'FSDP_'))}
-
-
 def launch(name, tiny, work):
     "Run case `name` in its own process(es); its merged row, or the reason it failed."
     from qlora_nb.distributed import accelerate_config
@@ -181,10 +173,8 @@ def launch(name, tiny, work):
     else: cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
                  str(accelerate_config(distributed, procs, work))] + me
     env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-    if tiny and procs > 1:  # accelerate launch runs one process on a CPU: torchrun, with the variables accelerate sets
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(procs)] + me
-        env |= accelerate_env(accelerate_config(distributed, procs, work))
-    if tiny: env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
+    if tiny:  # the same launch on the CPU: accelerate starts the processes, and torch's gloo backend joins them
+        env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -208,12 +198,12 @@ def cli_case(name, tiny, work):
             '--set', 'train.per_device_train_batch_size=2', '--set', 'train.gradient_accumulation_steps=2',
             '--set', 'train.logging_steps=1', '--set', 'train.eval_steps=2', '--set', 'train.save_steps=2']
     env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-    if tiny:  # no GPUs: the processes `--gpus 2` would launch, started by torchrun
+    if tiny:  # no GPUs: `--gpus 2` refuses, so its launch command itself
         env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
+        from qlora_nb.distributed import launch_command
         from qlora_nb.weights import tiny_model_dir
         argv[2] = str(tiny_model_dir())
-        start = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'qlora_nb.cli']
-        launch_opts = []
+        start, launch_opts = launch_command([], 2, 'ddp', work), []
     else: start, launch_opts = [sys.executable, '-m', 'qlora_nb.cli'], ['--gpus', '2'] + (['--fsdp'] if 'fsdp' in name else [])
     res, t0 = {'case': name, 'processes': 2, 'distributed': 'fsdp' if 'fsdp' in name else 'ddp'}, time.perf_counter()
     for steps, resume in ((4, []), (6, ['--resume'])):
@@ -269,6 +259,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import tempfile
     work = Path(args.work or tempfile.mkdtemp(prefix='qlora_nb_multigpu_'))
+    work.mkdir(parents=True, exist_ok=True)
     if args.case: return run_case(args.case, args.tiny, args.prefix, work)
     if not args.tiny and torch.cuda.device_count() < 2:
         sys.exit(f'{torch.cuda.device_count()} CUDA GPUs visible: this benchmark needs 2 (or --tiny)')
