@@ -33,12 +33,12 @@ def config_from_args(args, defaults=()):
 # %% ../nbs/09_cli.ipynb #702ea9cf
 def cmd_config(args):
     import yaml
-    from qlora_nb.core import check_gpu_fit, presets_table
+    from qlora_nb.core import check_gpu_count, check_gpu_fit, presets_table
     if args.presets: return print(presets_table().to_string())
     cfg = config_from_args(args)
     if args.save: print(f'saved {cfg.save(args.save)}')
     else: print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end='')
-    check_gpu_fit(cfg)
+    check_gpu_fit(cfg); check_gpu_count(cfg)
 
 # %% ../nbs/09_cli.ipynb #389a282d
 def _print_outputs(res):
@@ -49,9 +49,11 @@ def _print_outputs(res):
           f"history:  {run.history_file}\nlogs:     {run.logs_dir} (tensorboard --logdir {run.logs_dir})")
 
 def cmd_train(args):
+    if args.gpus: return _launch_train(args)
     from qlora_nb.train import train
     cfg = config_from_args(args)
     res = train(cfg, resume=args.resume, auto_batch=args.auto_batch)
+    if res.summary is None: return  # a launched process other than the main one: the main one reports
     _print_outputs(res)
     upload_outputs(res.run_dir, cfg.output.upload_to)
 
@@ -222,6 +224,9 @@ def _train_commands(sub):
         p.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT',
                        help="continue from the run's latest checkpoint, or from CHECKPOINT")
         p.add_argument('--auto-batch', action='store_true', help='on CUDA out-of-memory, retry with half the batch')
+        if name == 'train':
+            p.add_argument('--gpus', type=int, metavar='N', help='train on N GPUs of this host (accelerate launch)')
+            p.add_argument('--fsdp', action='store_true', help='with --gpus: shard the model (FSDP-QLoRA)')
         if name == 'run':
             p.add_argument('--judge', action='store_true', help='also judge base vs fine-tuned on two-turn questions')
     p = sub.add_parser('compare', help='the HumanEval study: control and experiment adapters per fold, every arm')
@@ -279,6 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_train_commands, _model_commands, _output_commands): add(sub)
     return parser
 
+# %% ../nbs/09_cli.ipynb #30493e2f
+def _launched_argv(args) -> list[str]:
+    "The `train` options of `args` without --gpus and --fsdp: what each launched process runs."
+    argv = ['train']
+    for opt in ('config', 'preset', 'size', 'model'):
+        if getattr(args, opt): argv += [f'--{opt}', str(getattr(args, opt))]
+    for o in args.overrides + (['train.distributed=fsdp'] if args.fsdp else []): argv += ['--set', o]
+    if args.resume: argv += ['--resume'] + ([] if args.resume is True else [str(args.resume)])
+    return argv
+
+def _launch_train(args):
+    import subprocess, torch
+    from qlora_nb.core import ConfigError
+    from qlora_nb.distributed import launch_command
+    cfg = config_from_args(args)  # a bad config fails here, once, not in every process
+    if args.auto_batch: raise ConfigError('--auto-batch retries one process alone: use it without --gpus')
+    if torch.cuda.device_count() < args.gpus:
+        raise ConfigError(f'--gpus {args.gpus}: {torch.cuda.device_count()} CUDA GPUs are visible')
+    cmd = launch_command(_launched_argv(args), args.gpus, cfg.train.distributed)
+    print(f"launching {args.gpus} processes ({cfg.train.distributed}): {' '.join(cmd[1:])}", flush=True)
+    if (rc := subprocess.run(cmd).returncode): sys.exit(rc)
+
 # %% ../nbs/09_cli.ipynb #60b10d4e
 # The errors a user can fix, by the module that defines them. A command can only raise those of modules it
 # imported, so `main` looks them up in `sys.modules` instead of importing torch to catch them.
@@ -302,3 +329,8 @@ def main(argv=None) -> int:
         return 2
     return 0
 
+
+# %% ../nbs/09_cli.ipynb #13d2393f
+# `python -m qlora_nb.cli ...` is the command itself: `accelerate launch -m qlora_nb.cli` and torchrun run it (04b).
+# A notebook runs as __main__ too, but it has no __file__.
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -14,14 +14,16 @@ import bitsandbytes as bnb, psutil, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .core import ModelSettings, QuantSettings, RunConfig, resolve_compute_dtype
+from .distributed import fsdp_enabled, training_device_map
 from .weights import resolve_model
 
 # %% ../nbs/02_model.ipynb #97b7e5b8
-def quant_config(q:QuantSettings) -> BitsAndBytesConfig|None:
+def quant_config(q:QuantSettings, quant_storage=torch.uint8) -> BitsAndBytesConfig|None:
     "The bitsandbytes config of quantization settings `q`; None for 16-bit (unquantized) loading."
     dtype = resolve_compute_dtype(q.compute_dtype)
     if q.bits == 4: return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
+                                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
+                                              bnb_4bit_quant_storage=quant_storage)  # FSDP: a float dtype (04b)
     if q.bits == 8: return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -54,9 +56,11 @@ def load_model(m:ModelSettings=ModelSettings(), q:QuantSettings=QuantSettings(),
     "(model, tokenizer) for model settings `m`, quantized as `q` says."
     path = resolve_model(m.name, m.revision)
     dtype = resolve_compute_dtype(q.compute_dtype)
+    # under FSDP the 4-bit weights are stored in the compute dtype: FSDP shards float tensors only (04b_multi_gpu)
+    storage = dtype if fsdp_enabled() else torch.uint8
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant_config(q), dtype=dtype, attn_implementation=_attn(m.attn_implementation),
-        device_map={'': 0} if torch.cuda.is_available() else 'cpu', trust_remote_code=m.trust_remote_code)
+        path, quantization_config=quant_config(q, storage), dtype=dtype, device_map=training_device_map(),
+        attn_implementation=_attn(m.attn_implementation), trust_remote_code=m.trust_remote_code)
     tok = load_tokenizer(path, padding_side)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok

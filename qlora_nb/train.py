@@ -18,10 +18,12 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .core import Run, RunConfig, resolve_compute_dtype, check_gpu_fit
+from .core import Run, RunConfig, resolve_compute_dtype, check_gpu_count, check_gpu_fit
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora
+from .distributed import (batch_line, effective_batch, is_main_process, process_args, save_adapter,
+                                  start_processes, world_size)
 from .weights import resolve_model
 
 # %% ../nbs/04_training.ipynb #5298462c
@@ -117,16 +119,19 @@ def _memory_gb():
     return {'rss_gb': psutil.Process().memory_info().rss / 1e9}
 
 class HistoryCallback(TrainerCallback):
-    "Write the run's history and log file as training logs; stop at a non-finite loss."
+    "Write the run's history and log file as training logs (the main process only); stop at a non-finite loss."
     def __init__(self, run_dir):
         self.run, self.run_dir, self.last = Run(run_dir), Path(run_dir), None
-        self.diverged, self.last_finite = None, None
-        self.log = logging.getLogger(f'qlora_nb.train.{self.run_dir}')
-        self.log.setLevel(logging.INFO)
-        if not self.log.handlers:
+        self.diverged, self.last_finite, self.log = None, None, None
+
+    def _logger(self):
+        log = logging.getLogger(f'qlora_nb.train.{self.run_dir}')
+        log.setLevel(logging.INFO)
+        if not log.handlers:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             h = logging.FileHandler(self.run.log_file)
-            h.setFormatter(logging.Formatter('%(asctime)s %(message)s')); self.log.addHandler(h)
+            h.setFormatter(logging.Formatter('%(asctime)s %(message)s')); log.addHandler(h)
+        return log
 
     def on_log(self, args, state, control, logs=None, **kw):
         entry = state.log_history[-1]
@@ -139,6 +144,8 @@ class HistoryCallback(TrainerCallback):
             if math.isfinite(entry['loss']): self.last_finite = (state.global_step, entry['loss'])
             elif self.diverged is None:
                 self.diverged = state.global_step; control.should_training_stop = True
+        if not state.is_world_process_zero: return  # every process stops alike: each logs the same averaged loss
+        self.log = self.log or self._logger()
         self.log.info(json.dumps(entry))
         write_json(self.run.history_file, state.log_history)
 
@@ -241,12 +248,12 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
     cbs = [HistoryCallback(cfg.run_dir), *([LivePlotCallback()] if live else []), *callbacks]
     # our own writer, so the logs land in run_dir/logs on every transformers version
-    if 'tensorboard' in cfg.output.report_to:
+    if 'tensorboard' in cfg.output.report_to and is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
         cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, callbacks=cbs)
     if trainer.args.fp16: _float32_adapters(trainer.model)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
@@ -258,7 +265,9 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
 
 def _finish(cfg, trainer, tok, wall, resume_from):
     run, hist = cfg.run, trainer.state.log_history
-    trainer.model.save_pretrained(run.adapter_dir); tok.save_pretrained(run.adapter_dir)
+    save_adapter(trainer, run.adapter_dir)
+    if not trainer.is_world_process_zero(): return None  # the main process writes the run's files
+    tok.save_pretrained(run.adapter_dir)
     import matplotlib.pyplot as plt
     fig = plot_history(hist); fig.savefig(run.curves_file, dpi=120, bbox_inches='tight'); plt.close(fig)
     cfg.save(run.config_file)
@@ -272,7 +281,9 @@ def _finish(cfg, trainer, tok, wall, resume_from):
                'final_eval_loss': evals[-1] if evals else None,
                'final_eval_perplexity': math.exp(evals[-1]) if evals else None,
                'tokens_seen': max((h.get('num_tokens', 0) for h in hist), default=0), 'wall_time_s': wall,
-               'train_examples': len(trainer.train_dataset), 'peak_memory': _memory_gb(), 'environment': environment()}
+               'train_examples': len(trainer.train_dataset),
+               'processes': world_size(), 'distributed': cfg.train.distributed if world_size() > 1 else None,
+               'effective_batch': effective_batch(trainer.args), 'peak_memory': _memory_gb(), 'environment': environment()}
     write_json(run.summary_file, summary)
     return summary
 
@@ -281,19 +292,20 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
           auto_batch:bool=False, # on CUDA OOM, retry with half the batch and twice the accumulation
           callbacks=(), data:PreparedData|None=None, live:bool=True) -> TrainResult:
     "Fine-tune as `cfg` says; write the run's outputs under `cfg.run_dir`."
-    check_gpu_fit(cfg)
+    start_processes(); check_gpu_fit(cfg); check_gpu_count(cfg)
     resume_from = _resume_point(cfg, resume)
     tok = load_tokenizer(resolve_model(cfg.model.name, cfg.model.revision))
     data = data or prepare_data(cfg, tok)  # fails on bad or empty data before the model is loaded
     model, tok = load_model(cfg.model, cfg.quant)
     model = add_run_lora(cfg, model)
     trainer = build_trainer(cfg, data, model, tok, callbacks, live)
+    if world_size() > 1 and trainer.is_world_process_zero(): print(batch_line(trainer.args), flush=True)
     start = time.time()
     try: trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
         step = trainer.state.global_step
         del trainer, model; torch.cuda.empty_cache()
-        if not auto_batch or cfg.train.per_device_train_batch_size == 1:
+        if not auto_batch or cfg.train.per_device_train_batch_size == 1 or world_size() > 1:
             raise OutOfMemory(_oom_advice(cfg, step)) from None
         t = cfg.train
         smaller = replace(cfg, train=replace(t, per_device_train_batch_size=t.per_device_train_batch_size // 2,
