@@ -175,6 +175,7 @@ def launch(name, tiny, work):
     env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     if tiny:  # the same launch on the CPU: accelerate starts the processes, and torch's gloo backend joins them
         env |= {'CUDA_VISIBLE_DEVICES': '', 'QLORA_NB_CPU_DTYPE': 'float32', 'TQDM_DISABLE': '1'}
+    elif procs == 1: env['CUDA_VISIBLE_DEVICES'] = '0'  # one process seeing two GPUs: Trainer would wrap it in DataParallel
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
