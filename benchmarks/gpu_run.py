@@ -26,11 +26,9 @@ OVERRIDES = []  # --set KEY=VALUE, for every phase's config (a small model and j
 
 
 def record_environment(work):
-    "environment.json: machine, versions and commit (QLORA_NB_COMMIT when the copy run here has no git history)."
+    "environment.json: machine, versions and commit (`environment` reads QLORA_NB_COMMIT on a copy without git)."
     from qlora_nb.train import write_json, environment
-    env = environment()
-    env['git_commit'] = env.get('git_commit') or os.environ.get('QLORA_NB_COMMIT')
-    write_json(work/'environment.json', env)
+    write_json(work/'environment.json', environment())
 
 
 def phase_main(work):
@@ -63,12 +61,12 @@ def phase_compare_base(work, n, batch_size):
 
 
 def phase_compare_seed(work, n, batch_size, seed, sample_adapters=True):
-    "The study's adapters of training seed number `seed` (and any earlier one not finished) and their arms."
+    "The study's adapters of training seed number `seed` and their arms (seeds' phases may run side by side)."
     from qlora_nb.core import Study
     from qlora_nb.study import run_comparison
     t = time.time()
     run_comparison(study_config(n, seed + 1), Study(work/'humaneval'), batch_size=batch_size,
-                   workers=os.cpu_count(), sample_adapters=sample_adapters)
+                   workers=os.cpu_count(), sample_adapters=sample_adapters, seeds=[seed])
     return {f'compare_s{seed}_s': time.time() - t}
 
 
@@ -161,10 +159,10 @@ def parse_args(argv=None):
 
 def phase_runners(work, a) -> dict:
     seed_phase = lambda s: (lambda: phase_compare_seed(work, a.n, a.batch_size, s, not a.greedy_adapters))
-    def compare():
-        out = phase_compare_base(work, a.n, a.batch_size)
-        for s in range(a.seeds): out |= seed_phase(s)()
-        return out
+    def compare():  # one time for all: the phases' own keys keep the times of the phases run on their own
+        t = time.time(); phase_compare_base(work, a.n, a.batch_size)
+        for s in range(a.seeds): seed_phase(s)()
+        return {'compare_s': time.time() - t}
     return {'main': lambda: phase_main(work), 'compare-base': lambda: phase_compare_base(work, a.n, a.batch_size),
             **{f'compare-s{s}': seed_phase(s) for s in range(3)}, 'compare': compare,
             'fp16': lambda: phase_fp16(work), 'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work)}
@@ -174,11 +172,13 @@ if __name__ == '__main__':
     a = parse_args()
     OVERRIDES += a.set
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
-    times = json.loads((work/'wall_times.json').read_text()) if (work/'wall_times.json').exists() else {}
+    times = {}  # this process's phases; wall_times.json keeps every phase's
     try:
         for ph in a.phases:
             times |= phase_runners(work, a)[ph]()
             if ph.startswith('compare'): generation_times(work)
-            (work/'wall_times.json').write_text(json.dumps(times, indent=2))
+            # re-read: a phase of another process running beside this one may have written its time meanwhile
+            done = json.loads((work/'wall_times.json').read_text()) if (work/'wall_times.json').exists() else {}
+            (work/'wall_times.json').write_text(json.dumps(done | times, indent=2))
     finally:
         if a.pack: pack(work, Path(a.pack))

@@ -13,7 +13,7 @@
 #   main            the default job (bf16), its evaluation, and the judge (verdicts from token probabilities)
 #   compare-base    the study's 4 base-model arms (164 problems; greedy and n=20)
 #   compare-s0      the 4 adapters of training seed 0 (control/experiment x 2 folds) and their 8 arms
-#   compare-s1      the same with seed 1, then compare-s2: 3 training seeds per arm, the summary written after each
+#   compare-s1      the same with seed 1, then compare-s2: 3 training seeds per arm (seeds may run side by side)
 #   fp16            the default job with quant.compute_dtype=float16 (a Colab T4), beside the bf16 main run: fp16.json
 # Every arm records generation_s, attention, generator and device; humaneval/generation_times.json gathers them.
 set -euo pipefail
@@ -29,7 +29,7 @@ case "$1" in
          cp .m*/part.* /tmp/model/; ls -la /tmp/model; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model
          # results of an earlier machine (the lease ended mid-run): unpack them so the phases resume
-         if [ -f .prev/prev.tgz ]; then mkdir -p /tmp/gpu_work && tar xzf .prev/prev.tgz -C /tmp/gpu_work; fi ;;
+         mkdir -p /tmp/gpu_work; for t in .prev/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp/gpu_work; done; true ;;
   *)     [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
          mkdir -p /tmp/gpu_work
          QLORA_NB_COMMIT="${QLORA_NB_COMMIT:-}" timeout -s INT "${GPU_RUN_LIMIT:-540}" \

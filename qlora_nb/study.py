@@ -67,6 +67,7 @@ def run_comparison(cfg:RunConfig|Run, study=None, # a `Study` or its folder; def
                    problems=None, batch_size:int=64, workers:int=os.cpu_count(),
                    sample_adapters:bool=True, # also the n-sample arms of the adapters (pass@10); greedy ones always
                    adapters:bool=True, # False: the base model's arms only
+                   seeds:list|None=None, # training seeds to do now (default: all): one study split over processes
                   ): # -> ComparisonSummary (defined below: show_doc evaluates annotations)
     "Train the adapters and evaluate every arm of `cfg`'s study; write and return its summary and plot."
     cfg = cfg.cfg if isinstance(cfg, Run) else cfg  # a run's study uses the run's own config
@@ -84,7 +85,8 @@ def run_comparison(cfg:RunConfig|Run, study=None, # a `Study` or its folder; def
             print(f"{name}: " + ', '.join(f'{k} {v:.3f}' for k, v in r.items() if k.startswith('pass@')), flush=True)
     run_arms(todo('base-'))
     if not adapters: return write_summary(comparison_summary(study, cfg.eval.humaneval_n), study)
-    variants, folds, seeds = ('control', 'experiment'), range(cfg.data.n_folds), range(cfg.eval.training_seeds)
+    variants, folds = ('control', 'experiment'), range(cfg.data.n_folds)
+    seeds = range(cfg.eval.training_seeds) if seeds is None else seeds
     for v, f, s in itertools.product(variants, folds, seeds):
         if names := todo(Study.adapter_name(v, f, s) + '-', adapter=True):  # trained only when an arm is still to do
             run_arms(names, str(train_adapter(adapter_config(cfg, study, v, f, s)).adapter_dir))

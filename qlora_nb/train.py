@@ -190,13 +190,13 @@ class LivePlotCallback(TrainerCallback):
 
 # %% ../nbs/04_training.ipynb #4a3fdf79
 def environment() -> dict:
-    "Hardware, library versions and git commit of this process."
+    "Hardware, library versions and git commit of this process (`QLORA_NB_COMMIT` for a copy without git history)."
     import importlib.metadata as md
     vers = {}
     for p in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'datasets', 'accelerate', 'qlora_nb'):
         try: vers[p] = md.version(p)
         except md.PackageNotFoundError: pass
-    try: commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+    try: commit = os.environ.get('QLORA_NB_COMMIT') or subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                                  cwd=Path(__file__).parent if '__file__' in globals() else None).stdout.strip() or None
     except Exception: commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
