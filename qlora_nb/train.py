@@ -196,8 +196,9 @@ def environment() -> dict:
     for p in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'datasets', 'accelerate', 'qlora_nb'):
         try: vers[p] = md.version(p)
         except md.PackageNotFoundError: pass
-    try: commit = os.environ.get('QLORA_NB_COMMIT') or subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent if '__file__' in globals() else None).stdout.strip() or None
+    here = Path(__file__).parent if '__file__' in globals() else None
+    try: commit = os.environ.get('QLORA_NB_COMMIT') or subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=here).stdout.strip() or None
     except Exception: commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'python': platform.python_version(), 'platform': platform.platform(), 'cpu_count': os.cpu_count(),
