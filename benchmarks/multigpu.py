@@ -4,6 +4,8 @@
     python benchmarks/multigpu.py              # on a host with >= 2 GPUs: every case
     python benchmarks/multigpu.py --only fsdp  # only the cases whose names contain a word (others already measured stay)
     python benchmarks/multigpu.py --tiny       # anywhere: the same code on a tiny model, 2 CPU processes (gloo)
+    python benchmarks/multigpu.py --only ddp-8b --set train.optim=adamw_torch --profile
+                                               # a variant (rows named 'ddp-8b+train.optim=adamw_torch'), profiled
 
 Run it from the repository root, with the GPU machine's environment, e.g.
     PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
@@ -27,6 +29,7 @@ timing callback only.
   accumulation 2 on one GPU; 4 x 1 on each of two: `split_batch`). ddp_scaling_2gpu is the ratio of their real tokens/s
   from the second step on; ddp_loss_matches_single says whether the 20 losses agree within 2% (LoRA dropout 0.05 draws
   different masks in the two runs, so they are close, not equal).
+* single-8b-micro: one GPU, one micro-batch of 4 per step: what each GPU of ddp-8b computes per step (diagnosis).
 * fsdp-8b: the 8B shape sharded over 2 GPUs with FSDP-QLoRA, 6 steps; its per-GPU peak against single-8b's.
 * fsdp-70b, then fsdp-32b, fsdp-13b until one succeeds: the largest shape trained for >= 5 steps with FSDP-QLoRA.
 * cli-ddp, cli-fsdp: the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model (the product's
@@ -68,6 +71,7 @@ def shapes(tiny):
 
 CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accumulation as configured)
     'single-8b': ('8b', 1, 'ddp', 20, 4, 2), 'ddp-8b': ('8b', 2, 'ddp', 20, 4, 2),
+    'single-8b-micro': ('8b', 1, 'ddp', 20, 4, 1),  # one micro-batch per step: a DDP rank's share of ddp-8b
     'fsdp-8b': ('8b', 2, 'fsdp', 6, 4, 2),  # the single GPU's micro-batch of 4: peaks compare
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
@@ -83,6 +87,40 @@ class TrainPeak(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         if torch.cuda.is_available():
             self.at_start = torch.cuda.memory_allocated() / 2**30; torch.cuda.reset_peak_memory_stats()
+
+
+class StepProfile(TrainerCallback):
+    "torch.profiler over optimizer steps [first, last): CUDA and CPU time tables of this process, written at the end."
+    def __init__(self, path, first=6, last=9): self.path, self.first, self.last, self.prof = path, first, last, None
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts); self.prof.__enter__()
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and state.global_step == self.last:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.prof.__exit__(None, None, None)
+            ka = self.prof.key_averages()
+            by = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
+            Path(self.path).write_text(f'steps {self.first}..{self.last - 1}\n' + ka.table(sort_by=by, row_limit=40)
+                                       + '\n' + ka.table(sort_by='self_cpu_time_total', row_limit=30))
+            self.prof = None
+
+
+def allreduce_ms(numel, device, repeat=10):
+    "Milliseconds of one all-reduce of `numel` float32 values across the processes (the LoRA gradients' size)."
+    import torch.distributed as dist
+    x = torch.ones(int(numel), device=device)
+    dist.all_reduce(x); sync_dev(device)
+    t = time.perf_counter()
+    for _ in range(repeat): dist.all_reduce(x)
+    sync_dev(device)
+    return (time.perf_counter() - t) / repeat * 1000
+
+
+def sync_dev(device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
 
 
 def quantize_layerwise(config, device, dtype, storage):
@@ -119,7 +157,7 @@ def quantize_layerwise(config, device, dtype, storage):
     return model
 
 
-def run_case(name, tiny, out_prefix, work):
+def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     from bench import StepTimer, peak_gib, product_choices, product_config, product_trainer, real_rows, reset_memory
     from qlora_nb.core import resolve_compute_dtype
     from qlora_nb.distributed import fsdp_enabled, local_rank, start_processes, world_size
@@ -130,7 +168,8 @@ def run_case(name, tiny, out_prefix, work):
     rank = int(os.environ.get('RANK', 0))
     device = torch.device('cuda', local_rank()) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda': torch.cuda.set_device(device)
-    model_path = str(tiny_model_dir() if tiny else resolve_model('default'))
+    # only its tokenizer is read (the lengths and prompt masks of real data): a folder without weights will do
+    model_path = str(tiny_model_dir() if tiny else resolve_model(os.environ.get('QLORA_NB_BENCH_TOKENIZER', 'default')))
     tok, data = real_rows(model_path, 512 if tiny else 2048, 16 if tiny else None)
     reset_memory(); torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -140,10 +179,11 @@ def run_case(name, tiny, out_prefix, work):
     reset_memory()  # the peak of training, not of building the random model (FSDP shards it when the trainer starts)
     big = ['train.gradient_checkpointing=true'] if name in LADDER else []  # 'auto' does not know FSDP shards the weights
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
-                         extra=[f'train.distributed={distributed}', *big])
+                         extra=[f'train.distributed={distributed}', *big, *overrides])
     choices = product_choices(cfg, model)
     trainer, timer, _ = product_trainer(cfg, model, tok, data)
     peak = TrainPeak(); trainer.add_callback(peak)
+    if profile: trainer.add_callback(StepProfile(f'{out_prefix}.rank{rank}.prof.txt', min(6, steps - 3), min(9, steps)))
     trainer.train()
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     row = {'case': name, 'shape': shape, 'processes': world_size(), 'distributed': distributed, 'fsdp': fsdp_enabled(),
@@ -154,7 +194,11 @@ def run_case(name, tiny, out_prefix, work):
                               * trainer.args.world_size,
            'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s,
            'build_peak_gib': build_peak, **choices,
-           'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged]}
+           'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged],
+           'overrides': list(overrides), 'step_times': [b - a for a, b in zip(timer.times, timer.times[1:])]}
+    if world_size() > 1:  # what synchronizing the adapters' gradients costs on this host, on its own
+        grads = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        row |= {'trainable_params': grads, 'allreduce_ms': allreduce_ms(grads, device)}
     if len(timer.times) > 1 and len(logged) > 1:  # from the second step on: the first one warms kernels up
         row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (timer.times[-1] - timer.times[0])
         row['step_s'] = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
@@ -162,13 +206,14 @@ def run_case(name, tiny, out_prefix, work):
 
 
 # ---------------------------------------------------------------- the driver
-def launch(name, tiny, work):
+def launch(name, tiny, work, overrides=(), profile=False):
     "Run case `name` in its own process(es); its merged row, or the reason it failed."
     from qlora_nb.distributed import accelerate_config
     _, procs, distributed, *_ = CASES[name]
     prefix = work/f'{name}-{time.time_ns()}'
     me = [str(Path(__file__).resolve()), '--case', name, '--prefix', str(prefix), '--work', str(work)]
-    me += ['--tiny'] if tiny else []
+    me += (['--tiny'] if tiny else []) + (['--profile'] if profile else [])
+    me += [a for o in overrides for a in ('--set', o)]
     if procs == 1: cmd = [sys.executable] + me
     else: cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
                  str(accelerate_config(distributed, procs, work))] + me
@@ -185,8 +230,10 @@ def launch(name, tiny, work):
                 'error': (r.stderr or r.stdout)[-3000:]}
     rows = [json.loads(p.read_text()) for p in ranks]
     peaks = [x['peak_gib'] for x in rows]
+    profiles = {p.name: p.read_text() for p in sorted(work.glob(f'{prefix.name}.rank*.prof.txt'))}
     return {**rows[0], 'peak_gib_by_rank': peaks, 'peak_gib_per_gpu': max(peaks) if None not in peaks else None,
-            'wall_s': wall}
+            'step_s_by_rank': [sum(x['step_times'][1:]) / max(1, len(x['step_times']) - 1) for x in rows],
+            'wall_s': wall, **({'profiles': profiles} if profiles else {})}
 
 
 def cli_case(name, tiny, work):
@@ -256,12 +303,15 @@ def main(argv=None):
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/multigpu-<date>.json)')
     ap.add_argument('--work', help='scratch folder (default: a temporary one)')
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                    help="a config override for the cases run; their rows are named 'case+KEY=VALUE'")
+    ap.add_argument('--profile', action='store_true', help="profile steps 6-8 of each process (tables in the row)")
     ap.add_argument('--case', help=argparse.SUPPRESS); ap.add_argument('--prefix', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import tempfile
     work = Path(args.work or tempfile.mkdtemp(prefix='qlora_nb_multigpu_'))
     work.mkdir(parents=True, exist_ok=True)
-    if args.case: return run_case(args.case, args.tiny, args.prefix, work)
+    if args.case: return run_case(args.case, args.tiny, args.prefix, work, args.set, args.profile)
     if not args.tiny and torch.cuda.device_count() < 2:
         sys.exit(f'{torch.cuda.device_count()} CUDA GPUs visible: this benchmark needs 2 (or --tiny)')
     dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}multigpu-{datetime.date.today()}.json")
@@ -273,18 +323,21 @@ def main(argv=None):
         out = {'summary': summary(rows), 'ddp_loss_rel_diffs': loss_diffs(rows), 'tiny': args.tiny,
                'environment': environment(), 'rows': rows}
         dest.write_text(json.dumps(out, indent=2, default=str)); return out
+    suffix = ''.join(f'+{o}' for o in args.set) + ('+profile' if args.profile else '')
     for name in (*CASES, *CLI_CASES):
         if args.only and not any(w in name for w in args.only): continue
-        if name in rows: continue
+        if suffix and name in CLI_CASES: continue
+        if name + suffix in rows: continue
         if args.tiny and 'fsdp' in name:
             rows[name] = {'case': name, 'skipped': NO_FSDP_ON_CPU}; continue
         if name in LADDER and any(n in rows and not rows[n].get('failed') and rows[n].get('steps', 0) >= 5
                                   for n in LADDER[:LADDER.index(name)]): continue  # a larger shape already trained
         if args.tiny and name in LADDER[1:]: continue  # one tiny shape: the ladder's first rung checks the code
-        rows[name] = cli_case(name, args.tiny, work) if name in CLI_CASES else launch(name, args.tiny, work)
-        r = rows[name]
+        r = rows[name + suffix] = (cli_case(name, args.tiny, work) if name in CLI_CASES
+                                   else launch(name, args.tiny, work, args.set, args.profile))
         print(name, 'FAILED: ' + r['error'][-1500:] if r.get('failed') else
-              {k: r.get(k) for k in ('processes', 'steps', 'global_step', 'tokens_per_s', 'peak_gib_per_gpu', 'wall_s')},
+              {k: r.get(k) for k in ('processes', 'steps', 'global_step', 'tokens_per_s', 'step_s_by_rank',
+                                     'allreduce_ms', 'peak_gib_per_gpu', 'wall_s')},
               flush=True)
         save()
     out = save()
