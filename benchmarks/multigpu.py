@@ -28,7 +28,8 @@ timing callback only.
 * single-8b / ddp-8b: the 8B shape on 1 GPU, then on 2 GPUs with DDP, 20 steps of the same global batch (per-device 4 x
   accumulation 2 on one GPU; 4 x 1 on each of two: `split_batch`). ddp_scaling_2gpu is the ratio of their real tokens/s
   from the second step on; ddp_loss_matches_single says whether the 20 losses agree within 2% (LoRA dropout 0.05 draws
-  different masks in the two runs, so they are close, not equal).
+  different masks in the two runs, so they are close, not equal). The training rows are cut to whole global batches:
+  DDP fills a partial last batch by repeating examples on the other ranks, which changes that step's loss.
 * single-8b-micro: one GPU, one micro-batch of 4 per step: what each GPU of ddp-8b computes per step (diagnosis).
 * fsdp-8b: the 8B shape sharded over 2 GPUs with FSDP-QLoRA, 6 steps; its per-GPU peak against single-8b's.
 * fsdp-70b, then fsdp-32b, fsdp-13b until one succeeds: the largest shape trained for >= 5 steps with FSDP-QLoRA.
@@ -171,6 +172,10 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     # only its tokenizer is read (the lengths and prompt masks of real data): a folder without weights will do
     model_path = str(tiny_model_dir() if tiny else resolve_model(os.environ.get('QLORA_NB_BENCH_TOKENIZER', 'default')))
     tok, data = real_rows(model_path, 512 if tiny else 2048, 16 if tiny else None)
+    # whole global batches only: a partial last batch is filled on the other ranks by repeating examples
+    # (accelerate's even_batches), so that step's loss would differ from one GPU's by construction (04b)
+    train, eff = data.splits['train'], batch * accum
+    data.splits['train'] = train.select(range(len(train) - len(train) % eff))
     reset_memory(); torch.manual_seed(0)
     t0 = time.perf_counter()
     dtype = resolve_compute_dtype('auto')  # bfloat16 on the GPUs; float32 in --tiny mode (QLORA_NB_CPU_DTYPE)

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['TRAIN_COLUMNS', 'QUICK', 'use_liger', 'sft_config', 'trainer_datasets', 'layer_activation_bytes', 'memory_budget',
-           'use_checkpointing', 'add_run_lora', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
-           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult',
-           'build_trainer', 'train', 'StopAtStep']
+           'use_checkpointing', 'add_run_lora', 'NoCudnnAttention', 'TrainingDiverged', 'OutOfMemory',
+           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
+           'last_complete_checkpoint', 'TrainResult', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -106,6 +106,13 @@ def use_checkpointing(cfg:RunConfig, model_config) -> bool:
 def add_run_lora(cfg:RunConfig, model):
     "`model` with the run's adapters, its activations checkpointed as `use_checkpointing` decides."
     return add_lora(model, cfg.lora, use_checkpointing(cfg, model.config))
+
+# %% ../nbs/04_training.ipynb #ba049cd5
+class NoCudnnAttention(TrainerCallback):
+    "Switch cuDNN's SDPA backend off while training (it plans anew for every batch shape); restore it at the end."
+    def on_train_begin(self, args, state, control, **kw):
+        self.was = torch.backends.cuda.cudnn_sdp_enabled(); torch.backends.cuda.enable_cudnn_sdp(False)
+    def on_train_end(self, args, state, control, **kw): torch.backends.cuda.enable_cudnn_sdp(self.was)
 
 # %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
@@ -247,15 +254,15 @@ def _float32_adapters(model):
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
-    cbs = [HistoryCallback(cfg.run_dir), *([LivePlotCallback()] if live else []), *callbacks]
+    cbs = [HistoryCallback(cfg.run_dir), NoCudnnAttention(), *([LivePlotCallback()] if live else []), *callbacks]
     # our own writer, so the logs land in run_dir/logs on every transformers version
     if 'tensorboard' in cfg.output.report_to and is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
         cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, callbacks=cbs)
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
     if trainer.args.fp16: _float32_adapters(trainer.model)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
