@@ -112,12 +112,28 @@ def _seed_list(a, seeds:int) -> str:
     s = a['config'].train.seed
     return ', '.join(str(s + i) for i in range(seeds))
 
-def _provenance(a, seeds:str) -> str:
-    "Model, machine, commit and `seeds` of the numbers that follow."
+def _made_by(a, name:str) -> list:
+    "The parts of a run of record's `provenance.json` (`extra['provenance']`) that made files named `name`."
+    parts = (a['extra'].get('provenance') or {}).get('parts', [])
+    return [p for p in parts if any(t.startswith(name) for w in p['what'] for t in w.split())]
+
+def _commit(a, name:str) -> str:
+    "The commit(s) that made `name`: the code's from `provenance.json` when given, else the one the run recorded."
+    made = _made_by(a, name)
+    recorded = (a['summary'].get('environment') or {}).get('git_commit') or 'not recorded'
+    if not made: return f"commit `{recorded[:12]}`"
+    def one(p):
+        items = [w for w in p['what'] if any(t.startswith(name) for t in w.split())] if len(made) > 1 else []
+        notes = items + ([] if p['code_commit'].startswith(p['recorded_commit']) else
+                         [f"recorded as `{p['recorded_commit'][:7]}`"]) + ([p['note']] if p.get('note') else [])
+        return f"`{p['code_commit'][:7]}`" + (f" ({'; '.join(notes)})" if notes else '')
+    return f"commit{'s' if len(made) > 1 else ''} {' and '.join(map(one, made))}, see `provenance.json`"
+
+def _provenance(a, seeds:str, name:str|None=None) -> str:
+    "Model, machine, commit and `seeds` of the numbers that follow, from files named `name` (default: the run's)."
     env = a['summary'].get('environment') or {}
     machine = env.get('gpu') or f"CPU ({env.get('cpu_count')} cores)"
-    return (f"Model {_model_name(a)}; machine {machine}; commit `{(env.get('git_commit') or 'not recorded')[:12]}`; "
-            f"{seeds}.")
+    return f"Model {_model_name(a)}; machine {machine}; {_commit(a, name or a['run_dir'].name + '/')}; {seeds}."
 
 def _tests_table(tests:list, p:str) -> str:
     return _table(_test_rows(tests, p), ['diff (second − first)', 'diff 95% CI', p, 'Holm p'])
@@ -131,7 +147,7 @@ def humaneval_section(a) -> str:
     cols = [c for c in next(iter(rows.values())) if c != 'problems']
     seeds = h.training_seeds
     from qlora_nb.humaneval import ArmSpec
-    out = ('## HumanEval\n\n' + _provenance(a, f'sampling and fold seed {ArmSpec.seed}')
+    out = ('## HumanEval\n\n' + _provenance(a, f'sampling and fold seed {ArmSpec.seed}', a['study'].dir.name + '/')
            + ' Each fine-tuned arm is scored on the held-out fold of its training split (both folds, so every problem '
            'once); the base model on all problems. Greedy decoding for pass@1; '
            f'n = {h.n} samples per problem for pass@k. '
@@ -155,12 +171,21 @@ def humaneval_section(a) -> str:
                 'pairs):\n\n' + _tests_table(h.pass10_tests, 'bootstrap p'))
     return out + '\n![pass@k](passk.png)\n\n' + hypothesis_verdict(h.hypothesis) + '\n'
 
+def _generation_rows(times:dict) -> dict:
+    "Generation seconds per kind of HumanEval arm (base or adapter, n, problems): arms, mean, min and max."
+    groups = {}
+    for t in times.values():
+        kind = f"{'base' if t.get('training_seed') is None else 'adapter'}, n={t['n']}, {t['n_problems']} problems"
+        groups.setdefault(kind, []).append(t['generation_s'])
+    return {k: {'arms': len(v), 'mean s': sum(v) / len(v), 'min s': min(v), 'max s': max(v)}
+            for k, v in sorted(groups.items())}
+
 def hardware_section(a) -> str:
     "Machine, versions, wall times and the benchmark summary."
     env = a['summary'].get('environment') or {}
     rows = {'GPU': env.get('gpu') or 'none (CPU)', 'GPU memory (GB)': env.get('gpu_memory_gb'),
             'CPU cores': env.get('cpu_count'), 'Python': env.get('python'), 'platform': env.get('platform'),
-            'qlora_nb commit': env.get('git_commit'),
+            'qlora_nb commit': _commit(a, a['run_dir'].name + '/'),
             **{f'wall time: {k}': v for k, v in (a['extra'].get('wall_times') or {}).items()}}
     out = '## Hardware and runtime\n\n' + _table(_values(rows), ['value'])
     if fp := a['extra'].get('fp16'):
@@ -170,11 +195,20 @@ def hardware_section(a) -> str:
                 "main run's dtype, on the same machine (`fp16.json`):\n\n"
                 + _table({k: v for k, v in fp.items() if isinstance(v, dict)}, cols))
         if (d := fp.get('eval_loss_difference (fp16 - bf16)')) is not None:
-            out += f"\nValidation loss, float16 − bfloat16: {d:+.4f}.\n"
+            out += f"\nValidation loss, float16 − bfloat16: {d:+.4f}."
+        out += f" Model {_model_name(a)}; training seed {a['config'].train.seed}; {_commit(a, 'fp16.json')}.\n"
+    if times := (_json(a['study'].dir/'generation_times.json') if a.get('study') else None):
+        how = {k: ', '.join(sorted({str(t.get(k)) for t in times.values()}))
+               for k in ('generator', 'attention', 'batch_size')}
+        out += (f"\nGeneration of the HumanEval arms above (`generation_times.json`; "
+                f"{', '.join(f'{k} {v}' for k, v in how.items())}), seconds per arm:\n\n"
+                + _table(_generation_rows(times), ['arms', 'mean s', 'min s', 'max s']))
     if a.get('bench'):
-        gpu = a['bench']['environment']['gpu']
-        out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {gpu}, one lease; the issue's "
-                'summary keys):\n\n' + _table(_values(a['bench']['summary']), ['value']))
+        env = a['bench']['environment']
+        commit = f"commit `{env['git_commit'][:7]}`" if env.get('git_commit') else 'the file records no commit'
+        out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {env['gpu']}, one lease on "
+                f"{env.get('date', '')[:10]}; {commit}; the "
+                "issue's summary keys):\n\n" + _table(_values(a['bench']['summary']), ['value']))
     return out
 
 # %% ../nbs/08_report.ipynb #6dd5c413
