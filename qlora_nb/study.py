@@ -292,6 +292,10 @@ def hypothesis_verdict(h:Hypothesis|None, alpha:float=0.05) -> str:
     return out + (_pass10_verdict(h, alpha) if h.pass10_bootstrap_p is not None else '')
 
 # %% ../nbs/06c_study.ipynb #bb5fad8d
+def _pass10_test(h:Hypothesis) -> str:
+    "The pass@10 test's name: with training seeds it resamples them too, as the pass@1 test does."
+    return 'hierarchical bootstrap' if h.test == 'hierarchical bootstrap' else 'paired bootstrap'
+
 def _pass10_verdict(h:Hypothesis, alpha:float) -> str:
     p, q = h.pass10_bootstrap_p, h.pass10_holm_p
     which = 'experiment' if h.experiment_pass10 > h.control_pass10 else 'control'
@@ -300,7 +304,7 @@ def _pass10_verdict(h:Hypothesis, alpha:float) -> str:
     elif p < alpha: tail = f'{which} is ahead: nominally significant (p < {alpha}), but not after {holm}.'
     else: tail = f'not significant (Holm-adjusted p = {q:.3g}).'
     return (f" Secondary, pass@10: control {h.control_pass10:.3f}, experiment {h.experiment_pass10:.3f}; "
-            f"paired bootstrap p = {p:.3g}: " + tail)
+            f"{_pass10_test(h)} p = {p:.3g}: " + tail)
 
 # %% ../nbs/06c_study.ipynb #b0ec99fe
 def plot_pass_at_k(study, n:int=20, ax=None):

@@ -107,7 +107,7 @@ def add_run_lora(cfg:RunConfig, model):
     "`model` with the run's adapters, its activations checkpointed as `use_checkpointing` decides."
     return add_lora(model, cfg.lora, use_checkpointing(cfg, model.config))
 
-# %% ../nbs/04_training.ipynb #ba049cd5
+# %% ../nbs/04_training.ipynb #d70f1c52
 class NoCudnnAttention(TrainerCallback):
     "Switch cuDNN's SDPA backend off while training (it plans anew for every batch shape); restore it at the end."
     def on_train_begin(self, args, state, control, **kw):
