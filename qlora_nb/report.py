@@ -18,6 +18,7 @@ def _json(p): return json.loads(Path(p).read_text()) if p and Path(p).exists() e
 
 def load_artifacts(run, humaneval_dir=None, bench=None, extra=None) -> dict:
     "Everything a report needs, from a run (a `Run` or its folder), a HumanEval study folder and a benchmark JSON."
+    # a run of record's provenance.json (beside the run's folder) says which code made which files
     from qlora_nb.study import read_summary
     run = run if isinstance(run, Run) else Run(run)
     if not run.summary_file.exists(): raise FileNotFoundError(f"{run.dir}: no {run.SUMMARY} (not a finished run)")
@@ -25,7 +26,8 @@ def load_artifacts(run, humaneval_dir=None, bench=None, extra=None) -> dict:
     return {'run': run, 'run_dir': run.dir, 'config': run.cfg, 'summary': run.read_summary(),
             'history': run.read_history(), 'metrics': _json(run.metrics_file), 'samples': _json(run.samples_file),
             'judge': _json(run.judge_file), 'humaneval': read_summary(study), 'study': study,
-            'bench': _json(bench), 'extra': extra or {}}
+            'bench': _json(bench),
+            'extra': {'provenance': _json(run.dir.parent/'provenance.json'), **(extra or {})}}
 
 # %% ../nbs/08_report.ipynb #af4fefae
 def _table(rows:dict, cols) -> str:
