@@ -8,6 +8,7 @@
     python benchmarks/gpu_run.py fp16          # the default job in float16 (what a Colab T4 gets) against the bf16 one
     python benchmarks/gpu_run.py bench         # benchmarks/bench.py
     python benchmarks/gpu_run.py repro         # the base model's greedy arms again, into humaneval-repro/ (run-to-run check)
+    python benchmarks/gpu_run.py profile-gen   # where a sampled arm's generation time goes (cost of a step, top-p, attention)
 
 Everything goes under --work (default outputs/gpu); each phase skips what is already finished (a study arm, an
 adapter, a run), so a phase cut off by the time limit is run again to go on. Each phase's wall time goes into
@@ -116,6 +117,41 @@ def phase_repro(work):
     return {'repro_s': time.time() - t}
 
 
+def phase_profile_gen(work, n, batch_size):
+    """Where an n-sample arm's generation time goes (the <= 60 s target): one batch of the study's chat prompts, timed
+    at two lengths (the difference is the cost of a decoding step), with and without top-p, with eager and SDPA
+    attention, and one short generation profiled. Writes profile_gen.json and profile_gen.txt."""
+    import torch
+    from dataclasses import replace
+    from torch.profiler import ProfilerActivity, profile
+    from qlora_nb.humaneval import fold_tasks, humaneval_prompt, read_problems
+    from qlora_nb.infer import GenerationSettings, generate, load_merged_generator
+    cfg, problems = study_config(n, 1), read_problems()
+    tasks = fold_tasks(problems, 0, cfg.data.n_folds, 42)[:max(1, batch_size // n)]
+    out, sync = {'batch': len(tasks) * n}, (torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
+    s = GenerationSettings(max_new_tokens=32, temperature=cfg.eval.humaneval_temperature, top_p=0.95, seed=42)
+    for attn in ('eager', 'sdpa'):
+        model, tok = load_merged_generator(cfg.model.name, None, cfg.quant, attn_implementation=attn)
+        prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in tasks for _ in range(n)]
+        def timed(**kw):  # EOS held back until the last token, so that both lengths decode every step
+            g = replace(s, **kw); model.generation_config.min_new_tokens = g.max_new_tokens
+            sync(); t = time.perf_counter(); generate(model, tok, prompts, g, len(prompts)); sync()
+            return time.perf_counter() - t
+        timed()  # warm-up
+        for top_p in (0.95, 1.0):
+            short, long = timed(top_p=top_p), timed(top_p=top_p, max_new_tokens=160)
+            out[f'{attn} top_p={top_p}'] = {'s_32_tokens': short, 's_160_tokens': long, 'ms_per_step': (long - short) / 128 * 1e3}
+        if attn == 'eager':
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            with profile(activities=acts) as prof: timed()
+            by = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
+            (work/'profile_gen.txt').write_text(prof.key_averages().table(sort_by=by, row_limit=40) + '\n'
+                                               + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=30))
+        del model
+    (work/'profile_gen.json').write_text(json.dumps(out, indent=2)); print(json.dumps(out, indent=2))
+    return {'profile_gen_s': sum(v['s_160_tokens'] for k, v in out.items() if k != 'batch')}
+
+
 def phase_bench(work):
     sys.path.insert(0, str(ROOT/'benchmarks'))
     import bench
@@ -143,7 +179,8 @@ def pack(work:Path, dest:Path, limit=15_000_000):
     print(f'packed {len(data) / 1e6:.1f} MB into {dest}')
 
 
-PHASES = ['main', 'compare-base', 'compare-s0', 'compare-s1', 'compare-s2', 'compare', 'fp16', 'bench', 'repro']
+PHASES = ['main', 'compare-base', 'compare-s0', 'compare-s1', 'compare-s2', 'compare', 'fp16', 'bench', 'repro',
+          'profile-gen']
 
 
 def parse_args(argv=None):
@@ -165,7 +202,8 @@ def phase_runners(work, a) -> dict:
         return {'compare_s': time.time() - t}
     return {'main': lambda: phase_main(work), 'compare-base': lambda: phase_compare_base(work, a.n, a.batch_size),
             **{f'compare-s{s}': seed_phase(s) for s in range(3)}, 'compare': compare,
-            'fp16': lambda: phase_fp16(work), 'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work)}
+            'fp16': lambda: phase_fp16(work), 'bench': lambda: phase_bench(work), 'repro': lambda: phase_repro(work),
+            'profile-gen': lambda: phase_profile_gen(work, a.n, a.batch_size)}
 
 
 if __name__ == '__main__':
