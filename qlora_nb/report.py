@@ -190,6 +190,8 @@ def hardware_section(a) -> str:
             'qlora_nb commit': _commit(a, a['run_dir'].name + '/'),
             **{f'wall time: {k}': v for k, v in (a['extra'].get('wall_times') or {}).items()}}
     out = '## Hardware and runtime\n\n' + _table(_values(rows), ['value'])
+    if later := (a['extra'].get('provenance') or {}).get('changed_since'):  # code changed after a run of record
+        out += f"\nChanged in the code since these runs: {later}\n"
     if fp := a['extra'].get('fp16'):
         cols = ['compute_dtype', 'final_train_loss', 'final_eval_loss', 'final_eval_perplexity', 'wall_time_s', 'gpu',
                 'git_commit']
