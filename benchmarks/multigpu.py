@@ -100,8 +100,8 @@ class StepProfile(TrainerCallback):
             self.prof = profile(activities=acts); self.prof.__enter__()
     def on_step_end(self, args, state, control, **kw):
         if self.prof is not None and state.global_step == self.last:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            self.prof.__exit__(None, None, None)
+            from bench import sync
+            sync(); self.prof.__exit__(None, None, None)
             ka = self.prof.key_averages()
             by = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
             Path(self.path).write_text(f'steps {self.first}..{self.last - 1}\n' + ka.table(sort_by=by, row_limit=40)
@@ -112,16 +112,13 @@ class StepProfile(TrainerCallback):
 def allreduce_ms(numel, device, repeat=10):
     "Milliseconds of one all-reduce of `numel` float32 values across the processes (the LoRA gradients' size)."
     import torch.distributed as dist
+    from bench import sync  # the process's own GPU (run_case sets it)
     x = torch.ones(int(numel), device=device)
-    dist.all_reduce(x); sync_dev(device)
+    dist.all_reduce(x); sync()
     t = time.perf_counter()
     for _ in range(repeat): dist.all_reduce(x)
-    sync_dev(device)
+    sync()
     return (time.perf_counter() - t) / repeat * 1000
-
-
-def sync_dev(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
 
 
 def quantize_layerwise(config, device, dtype, storage):
