@@ -118,38 +118,64 @@ def phase_repro(work):
 
 
 def phase_profile_gen(work, n, batch_size):
-    """Where an n-sample arm's generation time goes (the <= 60 s target): one batch of the study's chat prompts, timed
-    at two lengths (the difference is the cost of a decoding step), with and without top-p, with eager and SDPA
-    attention, and one short generation profiled. Writes profile_gen.json and profile_gen.txt."""
+    """Where an n-sample arm's generation time goes (the <= 60 s target), side by side in one process: one batch of the
+    study's chat prompts timed at two lengths (the difference is the cost of a decoding step) with eager, grouped eager
+    and SDPA attention, with and without top-p, with a static cache; one whole arm's generation (fold 0, n samples) with
+    eager and grouped eager; greedy reproducibility of grouped eager (twice, and against eager); one short generation
+    profiled. Writes profile_gen.json and profile_gen.txt."""
     import torch
     from dataclasses import replace
     from torch.profiler import ProfilerActivity, profile
     from qlora_nb.humaneval import fold_tasks, humaneval_prompt, read_problems
     from qlora_nb.infer import GenerationSettings, generate, load_merged_generator
     cfg, problems = study_config(n, 1), read_problems()
-    tasks = fold_tasks(problems, 0, cfg.data.n_folds, 42)[:max(1, batch_size // n)]
+    fold0 = fold_tasks(problems, 0, cfg.data.n_folds, 42)
+    tasks = fold0[:max(1, batch_size // n)]
     out, sync = {'batch': len(tasks) * n}, (torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
     s = GenerationSettings(max_new_tokens=32, temperature=cfg.eval.humaneval_temperature, top_p=0.95, seed=42)
-    for attn in ('eager', 'sdpa'):
+    arm = replace(s, max_new_tokens=cfg.eval.humaneval_max_new_tokens)
+    greedy = GenerationSettings(max_new_tokens=cfg.eval.humaneval_max_new_tokens)
+    texts = {}
+    for attn in ('grouped_eager', 'eager', 'sdpa'):
         model, tok = load_merged_generator(cfg.model.name, None, cfg.quant, attn_implementation=attn)
         prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in tasks for _ in range(n)]
-        def timed(**kw):  # EOS held back until the last token, so that both lengths decode every step
-            g = replace(s, **kw); model.generation_config.min_new_tokens = g.max_new_tokens
-            sync(); t = time.perf_counter(); generate(model, tok, prompts, g, len(prompts)); sync()
+        def timed(ps=prompts, bs=len(prompts), **kw):
+            g = replace(s, **kw)
+            sync(); t = time.perf_counter(); generate(model, tok, ps, g, bs); sync()
             return time.perf_counter() - t
+        def per_step(**kw):  # EOS held back until the last token, so that both lengths decode every step
+            model.generation_config.min_new_tokens = 160
+            long = timed(max_new_tokens=160, **kw)
+            model.generation_config.min_new_tokens = 32
+            short = timed(**kw); model.generation_config.min_new_tokens = None
+            return {'s_32_tokens': short, 's_160_tokens': long, 'ms_per_step': (long - short) / 128 * 1e3}
         timed()  # warm-up
-        for top_p in (0.95, 1.0):
-            short, long = timed(top_p=top_p), timed(top_p=top_p, max_new_tokens=160)
-            out[f'{attn} top_p={top_p}'] = {'s_32_tokens': short, 's_160_tokens': long, 'ms_per_step': (long - short) / 128 * 1e3}
-        if attn == 'eager':
+        out[f'{attn} top_p=0.95'] = per_step()
+        if attn == 'grouped_eager':
+            out[f'{attn} top_p=1.0'] = per_step(top_p=1.0)
+            model.generation_config.cache_implementation = 'static'
+            try: out[f'{attn} top_p=0.95 static cache'] = per_step()
+            except Exception as e: out[f'{attn} top_p=0.95 static cache'] = {'error': repr(e)[:300]}
+            model.generation_config.cache_implementation = None
+        if attn != 'sdpa':  # a whole arm: fold 0's problems, n samples each, in batches of batch_size
+            arm_prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in fold0 for _ in range(n)]
+            sync(); t = time.perf_counter(); generate(model, tok, arm_prompts, arm, batch_size); sync()
+            out[f'{attn} whole arm'] = {'s': time.perf_counter() - t, 'completions': len(arm_prompts)}
+            one_each = [humaneval_prompt(problems[t], tok, 'chat') for t in fold0]
+            texts[attn] = [generate(model, tok, one_each, greedy, len(one_each)) for _ in range(2 if attn == 'grouped_eager' else 1)]
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             with profile(activities=acts) as prof: timed()
             by = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
-            (work/'profile_gen.txt').write_text(prof.key_averages().table(sort_by=by, row_limit=40) + '\n'
-                                               + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=30))
+            with open(work/'profile_gen.txt', 'a') as f:
+                f.write(f'==== {attn}\n' + prof.key_averages().table(sort_by=by, row_limit=30) + '\n'
+                        + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20) + '\n')
         del model
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+    same = lambda a, b: sum(x == y for x, y in zip(a, b))
+    g = texts['grouped_eager']
+    out['greedy identical'] = {'of': len(g[0]), 'grouped_eager twice': same(*g), 'grouped_eager vs eager': same(g[0], texts['eager'][0])}
     (work/'profile_gen.json').write_text(json.dumps(out, indent=2)); print(json.dumps(out, indent=2))
-    return {'profile_gen_s': sum(v['s_160_tokens'] for k, v in out.items() if k != 'batch')}
+    return {'profile_gen_s': sum(v.get('s_160_tokens', 0) + v.get('s', 0) for k, v in out.items() if isinstance(v, dict))}
 
 
 def phase_bench(work):

@@ -136,6 +136,7 @@ class EvalSettings:
     humaneval_max_problems: Optional[int] = None  # a quick check: the first N problems of each fold
     humaneval_temperature: float = 0.8
     humaneval_generator: str = 'auto'  # study arms: 'merged' (fast, `05a`), 'adapter', or 'auto' (merged on a GPU)
+    humaneval_attention: str = 'eager'  # study arms: 'eager' or 'grouped_eager' (reproducible, `05a`), or 'sdpa'
     training_seeds: int = 3  # adapters per study arm, trained with train.seed, +1, +2, ...: the spread across seeds
 
 @dataclass
@@ -198,6 +199,7 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'quant.compute_dtype': ('auto', 'bfloat16', 'float16', 'float32'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
             'data.variant': ('control', 'experiment'), 'eval.humaneval_generator': ('auto', 'merged', 'adapter'),
+            'eval.humaneval_attention': ('eager', 'grouped_eager', 'sdpa'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
             'train.lr_scheduler_type': ('cosine', 'linear', 'constant', 'constant_with_warmup', 'cosine_with_restarts',
                                         'polynomial'),

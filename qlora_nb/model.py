@@ -48,6 +48,7 @@ def load_tokenizer(path, padding_side:str='right'):
 
 # %% ../nbs/02_model.ipynb #d94dfa9b
 def _attn(name:str) -> str:
+    if name == 'grouped_eager': import qlora_nb.infer  # registers it with transformers (`05a_inference`)
     if name == 'flash_attention_2' and importlib.util.find_spec('flash_attn') is None:
         warnings.warn("flash_attention_2 asked for but flash-attn is not installed: using sdpa"); return 'sdpa'
     return name

@@ -58,8 +58,9 @@ def eval_generator(cfg:RunConfig, adapter:str|None=None) -> tuple:
     from qlora_nb.infer import load_generator, load_merged_generator
     how = cfg.eval.humaneval_generator
     if how == 'auto': how = 'merged' if torch.cuda.is_available() else 'adapter'
-    if how == 'merged': return load_merged_generator(cfg.model.name, adapter, cfg.quant), how
-    return load_generator(cfg.model.name, adapter), how
+    attn = cfg.eval.humaneval_attention
+    if how == 'merged': return load_merged_generator(cfg.model.name, adapter, cfg.quant, attn), how
+    return load_generator(cfg.model.name, adapter, attn_implementation=attn), how
 
 
 # %% ../nbs/06c_study.ipynb #0b233631
