@@ -343,14 +343,14 @@ def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
 
 
 def environment():
+    "The library's record of the machine (commit included: `QLORA_NB_COMMIT` on a copy without git) + kernel versions."
     import importlib.metadata as md
-    vers = {}
-    for p in ('torch', 'transformers', 'peft', 'bitsandbytes', 'trl', 'liger-kernel', 'triton'):
-        try: vers[p] = md.version(p)
+    from qlora_nb.train import environment as run_environment
+    env = run_environment()
+    for p in ('liger-kernel', 'triton'):
+        try: env['versions'][p] = md.version(p)
         except md.PackageNotFoundError: pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'gpu': gpu,
-            'python': platform.python_version(), 'cpu_count': __import__('os').cpu_count(), 'versions': vers}
+    return {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), **env}
 
 
 def unsloth_case(site, seq, batch, steps, warmup, dropout, work):

@@ -78,7 +78,7 @@ def load_generator(model:str='default', adapter:str|None=None, quant:QuantSettin
         m = PeftModel.from_pretrained(m, adapter)
     return m.eval(), tok
 
-# %% ../nbs/05a_inference.ipynb #abfe17c2
+# %% ../nbs/05a_inference.ipynb #a6a48edf
 def grouped_eager_attention(module, query, key, value, attention_mask, scaling:float, dropout:float=0.0, **kwargs):
     "Eager attention (float32 softmax, masks added) with each key/value head shared by its group of query heads."
     b, h, q, d = query.shape
