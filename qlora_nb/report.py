@@ -128,7 +128,8 @@ def _commit(a, name:str) -> str:
         items = [w for w in p['what'] if any(t.startswith(name) for t in w.split())] if len(made) > 1 else []
         notes = items + ([] if p['code_commit'].startswith(p['recorded_commit']) else
                          [f"recorded as `{p['recorded_commit'][:7]}`"]) + ([p['note']] if p.get('note') else [])
-        return f"`{p['code_commit'][:7]}`" + (f" ({'; '.join(notes)})" if notes else '')
+        notes = '; '.join(notes).replace('*', r'\*')  # globs such as humaneval/*-s0-*, not Markdown emphasis
+        return f"`{p['code_commit'][:7]}`" + (f" ({notes})" if notes else '')
     return f"commit{'s' if len(made) > 1 else ''} {' and '.join(map(one, made))}, see `provenance.json`"
 
 def _provenance(a, seeds:str, name:str|None=None) -> str:

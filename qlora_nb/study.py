@@ -115,7 +115,7 @@ def load_arms(study, kind:str='greedy') -> dict:
     return {name: [x for s in seeds.values() for x in s] for name, seeds in load_seeded_arms(study, kind).items()}
 
 def arm_attention(study, name:str) -> str|None:
-    "The attention implementation the arm's folders record generating with ('eager'; None in files before it)."
+    "The attention the arm's folders record generating with (e.g. 'grouped_eager'; None in older files)."
     found = {json.loads(r.read_text()).get('attention') for d in _arm_dirs(study, name, '*')
              if (r := d/Study.ARM_RESULTS).exists()}
     return '+'.join(sorted(a for a in found if a)) or None
@@ -128,7 +128,7 @@ class ArmSummary:
     greedy: dict
     sampled: dict
     training_seeds: int = 1  # adapters trained per fold (the base model: 1)
-    attention: str|None = None  # generation's attention implementation (eager: reproducible)
+    attention: str|None = None  # generation's attention implementation (`05a_inference`)
     seed_spread: dict = field(default_factory=dict)  # 'pass@1 (greedy)' -> `seed_spread`, with 2+ seeds
 
 # %% ../nbs/06c_study.ipynb #8823258a

@@ -27,7 +27,7 @@ def test_compare_stage1_runs_and_resumes(tmp_path):
     assert summary.arms['control'].problems == 6  # both held-out folds
     assert len(read_samples(study.arm_dir('control-fold1-s1-n2'))) == 3 * 2
     assert summary.training_seeds == 2 and summary.arms['control'].training_seeds == 2  # stage1: 2 seeds per adapter
-    assert summary.arms['control'].attention == 'eager'
+    assert summary.arms['control'].attention == 'grouped_eager'  # eval.humaneval_attention's default
     assert [t.holm_p is not None for t in summary.greedy_tests] == [True] * 3
     assert summary.hypothesis is not None and study.plot_file.exists()
     assert 'Seed hypothesis' in r.stdout and str(study.summary_file) in r.stdout
