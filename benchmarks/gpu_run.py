@@ -131,9 +131,10 @@ def phase_profile_gen(work, n, batch_size):
     cfg, problems = study_config(n, 1), read_problems()
     fold0 = fold_tasks(problems, 0, cfg.data.n_folds, 42)
     tasks = fold0[:max(1, batch_size // n)]
-    out, sync = {'batch': len(tasks) * n}, (torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    from bench import sync
+    out = {'batch': len(tasks) * n}
     s = GenerationSettings(max_new_tokens=32, temperature=cfg.eval.humaneval_temperature, top_p=0.95, seed=42)
-    arm = replace(s, max_new_tokens=cfg.eval.humaneval_max_new_tokens)
     greedy = GenerationSettings(max_new_tokens=cfg.eval.humaneval_max_new_tokens)
     texts = {}
     for attn in ('grouped_eager', 'eager', 'sdpa'):
@@ -159,8 +160,8 @@ def phase_profile_gen(work, n, batch_size):
             model.generation_config.cache_implementation = None
         if attn != 'sdpa':  # a whole arm: fold 0's problems, n samples each, in batches of batch_size
             arm_prompts = [humaneval_prompt(problems[t], tok, 'chat') for t in fold0 for _ in range(n)]
-            sync(); t = time.perf_counter(); generate(model, tok, arm_prompts, arm, batch_size); sync()
-            out[f'{attn} whole arm'] = {'s': time.perf_counter() - t, 'completions': len(arm_prompts)}
+            out[f'{attn} whole arm'] = {'s': timed(arm_prompts, batch_size, max_new_tokens=cfg.eval.humaneval_max_new_tokens),
+                                        'completions': len(arm_prompts)}
             one_each = [humaneval_prompt(problems[t], tok, 'chat') for t in fold0]
             texts[attn] = [generate(model, tok, one_each, greedy, len(one_each)) for _ in range(2 if attn == 'grouped_eager' else 1)]
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
