@@ -285,16 +285,18 @@ def real_case(recipe, tok, data, device, max_len, work, shape=None, model_path=N
     return res
 
 
-def dtype_case(dtype, model_path, max_len, max_examples, work):
-    "The product's `train()` on the default job's data with compute dtype `dtype`: its eval loss and throughput."
+def dtype_case(dtype, model_path, max_len, max_examples, work, adapters='auto'):
+    """The product's `train()` on the default job's data with compute dtype `dtype` (and `lora.adapter_dtype`
+    `adapters`): its eval loss and throughput."""
     from qlora_nb.train import train
     from qlora_nb.evaluate import response_perplexity
-    extra = [f'quant.compute_dtype={dtype}'] + ([f'data.max_samples={max_examples}'] if max_examples else [])
-    cfg = product_config(work, f'dtype-{dtype}', max_len, 4, model=model_path, extra=extra)
+    extra = [f'quant.compute_dtype={dtype}', f'lora.adapter_dtype={adapters}'] + (
+        [f'data.max_samples={max_examples}'] if max_examples else [])
+    cfg = product_config(work, f'dtype-{dtype}-{adapters}', max_len, 4, model=model_path, extra=extra)
     reset_memory(); res = train(cfg, live=False)
     tok, model = res.trainer.processing_class, res.trainer.model
     model.eval(); ev = response_perplexity(model, tok, res.trainer.eval_dataset, batch_size=4)
-    out = {'dtype': dtype, 'eval_loss': ev['loss'], 'final_train_loss': res.summary['final_train_loss'],
+    out = {'dtype': dtype, 'adapter_dtype': adapters, 'eval_loss': ev['loss'], 'final_train_loss': res.summary['final_train_loss'],
            'tokens_per_s_real': res.summary['tokens_seen'] / res.summary['wall_time_s'], 'peak_gib': peak_gib()}
     del res, model; reset_memory()
     return out
@@ -319,9 +321,13 @@ class Profiled(TrainerCallback):
         busy, by_name = sum(e.device_time for e in kernels) / 1e6, {}
         for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        # where the host's time goes while the GPU idles: operators by their own CPU time
+        ops = sorted(self.prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
         return {'step_wall_s': self.wall / self.steps, 'gpu_busy_fraction': busy / self.wall,
                 'kernels_per_step': len(kernels) / self.steps,
-                'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top]}
+                'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top],
+                'top_cpu_ops': [{'name': e.key[:100], 'calls_per_step': e.count / self.steps,
+                                 'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
 def profile_case(model_path, max_len, work, steps=5):
@@ -439,6 +445,9 @@ def main(argv=None):
             cases[case]['unsloth'] = lambda r, d=d: unsloth_case(args.unsloth_site, seq8, 1, steps, warmup, d, work)
     if torch.cuda.is_available():
         cases['t4 mode'] = {d: (lambda d: dtype_case(d, model_path, max_len, max_examples, work)) for d in ('bfloat16', 'float16')}
+        # TRL's QLoRA cast of the adapters to bf16, the product's default before `lora.adapter_dtype`
+        cases['t4 mode']['bfloat16 bf16 adapters'] = lambda r: dtype_case('bfloat16', model_path, max_len, max_examples,
+                                                                            work, adapters='bfloat16')
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}

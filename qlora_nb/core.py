@@ -77,6 +77,9 @@ class LoraSettings:
     bias: str = 'none'  # 'none', 'all' or 'lora_only'
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead
     use_dora: bool = False  # weight-decomposed LoRA
+    # how the trained weights are stored: 'float32', 'bfloat16' (TRL's QLoRA-paper cast), or 'auto': float32
+    # (updates smaller than bf16's spacing would be lost, `04_training`), FSDP's one dtype when sharded
+    adapter_dtype: str = 'auto'
 
 # %% ../nbs/00_core.ipynb #547528fb
 @dataclass
@@ -198,6 +201,7 @@ def _coerce(key, val, t):
 _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'quant.compute_dtype': ('auto', 'bfloat16', 'float16', 'float32'),
             'lora.bias': ('none', 'all', 'lora_only'), 'data.template': ('chat', 'instruction', 'raw'),
+            'lora.adapter_dtype': ('auto', 'float32', 'bfloat16'),
             'data.variant': ('control', 'experiment'), 'eval.humaneval_generator': ('auto', 'merged', 'adapter'),
             'eval.humaneval_attention': ('eager', 'grouped_eager', 'sdpa'),
             'data.format': ('auto', 'instruction', 'alpaca', 'messages', 'humaneval'),
@@ -244,6 +248,9 @@ def validate(cfg:RunConfig) -> RunConfig:
                           f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
+    if cfg.lora.adapter_dtype == 'bfloat16' and cfg.quant.compute_dtype == 'float16':  # the gradient scaler's rule
+        raise ConfigError("lora.adapter_dtype: 'bfloat16' adapters cannot train under quant.compute_dtype='float16' "
+                          "(a T4): its gradient scaler needs float32 ones")
     return cfg
 
 # %% ../nbs/00_core.ipynb #b1b4a0b3

@@ -6,7 +6,8 @@
 __all__ = ['TRAIN_COLUMNS', 'QUICK', 'use_liger', 'sft_config', 'trainer_datasets', 'layer_activation_bytes', 'memory_budget',
            'use_checkpointing', 'add_run_lora', 'NoCudnnAttention', 'TrainingDiverged', 'OutOfMemory',
            'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
-           'last_complete_checkpoint', 'TrainResult', 'build_trainer', 'train', 'StopAtStep']
+           'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train',
+           'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -18,12 +19,12 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .core import Run, RunConfig, resolve_compute_dtype, check_gpu_count, check_gpu_fit
+from .core import ConfigError, Run, RunConfig, resolve_compute_dtype, check_gpu_count, check_gpu_fit
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora
-from .distributed import (batch_line, effective_batch, is_main_process, process_args, save_adapter,
-                                  start_processes, world_size)
+from .distributed import (batch_line, effective_batch, fsdp_enabled, is_main_process, process_args,
+                                  save_adapter, start_processes, world_size)
 from .weights import resolve_model
 
 # %% ../nbs/04_training.ipynb #5298462c
@@ -245,12 +246,23 @@ def _oom_advice(cfg, step):
             f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; "
             "or rerun with --auto-batch.")
 
-# %% ../nbs/04_training.ipynb #dfd7112c
-def _float32_adapters(model):
-    "TRL keeps a quantized model's adapters in bf16; fp16 training (a T4) needs fp32 ones for its gradient scaler."
-    for p in model.parameters():
-        if p.requires_grad: p.data = p.data.float()
+# %% ../nbs/04_training.ipynb #d384d50f
+def adapter_dtype(cfg:RunConfig, fp16:bool) -> torch.dtype|None:
+    "The dtype the trained weights are stored in, from `lora.adapter_dtype`; None keeps TRL's."
+    want = cfg.lora.adapter_dtype
+    if want == 'auto': want = 'float32' if fp16 or not fsdp_enabled() else None
+    if want == 'bfloat16' and fp16:  # `quant.compute_dtype='auto'` picks float16 on a T4
+        raise ConfigError("lora.adapter_dtype: 'bfloat16' adapters cannot train under float16 compute (a T4): "
+                          "its gradient scaler needs float32 ones")
+    return getattr(torch, want) if want else None
 
+def set_adapter_dtype(model, dtype:torch.dtype|None):
+    "Store `model`'s trained weights in `dtype` (DoRA's magnitudes stay as they are: TRL leaves them too)."
+    if dtype is None: return
+    for name, p in model.named_parameters():
+        if p.requires_grad and 'lora_magnitude_vector' not in name: p.data = p.data.to(dtype)
+
+# %% ../nbs/04_training.ipynb #dfd7112c
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
@@ -263,7 +275,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
-    if trainer.args.fp16: _float32_adapters(trainer.model)
+    set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
     except ImportError: return trainer
