@@ -78,7 +78,7 @@ class LoraSettings:
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead
     use_dora: bool = False  # weight-decomposed LoRA
     # how the trained weights are stored: 'float32', 'bfloat16' (TRL's QLoRA-paper cast), or 'auto': float32
-    # (updates smaller than bf16's spacing would be lost, `04_training`), FSDP's one dtype when sharded
+    # (updates smaller than bf16's spacing would be lost, `04_training`); under FSDP, TRL's (as measured, `04b`)
     adapter_dtype: str = 'auto'
 
 # %% ../nbs/00_core.ipynb #547528fb
