@@ -246,7 +246,7 @@ def _oom_advice(cfg, step):
             f"--set data.max_seq_length={d.max_seq_length // 2}; --set lora.r={max(1, l.r // 2)}; "
             "or rerun with --auto-batch.")
 
-# %% ../nbs/04_training.ipynb #d384d50f
+# %% ../nbs/04_training.ipynb #9c59cb58
 def adapter_dtype(cfg:RunConfig, fp16:bool) -> torch.dtype|None:
     "The dtype the trained weights are stored in, from `lora.adapter_dtype`; None keeps TRL's."
     want = cfg.lora.adapter_dtype
