@@ -295,10 +295,16 @@ def dtype_case(dtype, model_path, max_len, max_examples, work, adapters='auto'):
     cfg = product_config(work, f'dtype-{dtype}-{adapters}', max_len, 4, model=model_path, extra=extra)
     reset_memory(); res = train(cfg, live=False)
     tok, model = res.trainer.processing_class, res.trainer.model
-    model.eval(); ev = response_perplexity(model, tok, res.trainer.eval_dataset, batch_size=4)
-    out = {'dtype': dtype, 'adapter_dtype': adapters, 'eval_loss': ev['loss'], 'final_train_loss': res.summary['final_train_loss'],
-           'tokens_per_s_real': res.summary['tokens_seen'] / res.summary['wall_time_s'], 'peak_gib': peak_gib()}
-    del res, model; reset_memory()
+    model.eval(); ev = response_perplexity(model, tok, res.trainer.eval_dataset, batch_size=4); peak = peak_gib()
+    # the same adapter evaluated in float32 compute: the training's difference without the evaluation's rounding
+    from qlora_nb.core import QuantSettings
+    from qlora_nb.infer import load_generator
+    common = load_generator(model_path, adapter=str(cfg.run.adapter_dir), quant=QuantSettings(compute_dtype='float32'))[0]
+    ev32 = response_perplexity(common, tok, res.trainer.eval_dataset, batch_size=4)
+    out = {'dtype': dtype, 'adapter_dtype': adapters, 'eval_loss': ev['loss'], 'eval_loss_float32': ev32['loss'],
+           'final_train_loss': res.summary['final_train_loss'],
+           'tokens_per_s_real': res.summary['tokens_seen'] / res.summary['wall_time_s'], 'peak_gib': peak}
+    del res, model, common; reset_memory()
     return out
 
 
