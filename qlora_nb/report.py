@@ -214,6 +214,10 @@ def hardware_section(a) -> str:
         out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {env['gpu']}, one lease on "
                 f"{env.get('date', '')[:10]}; {commit}; the "
                 "issue's summary keys):\n\n" + _table(_values(a['bench']['summary']), ['value']))
+        if any('eval_loss_float32' in r for by in a['bench']['results'].values() for r in by.values()):
+            out += ("\nIts two loss keys compare the trained adapters evaluated in float32 compute on the same 4-bit "
+                    "codes: `eval_loss_rel_diff_real` is signed (product − seed, over seed; below 0, the product's "
+                    "loss is lower), `t4_mode_loss_rel_diff` a magnitude (|float16 − bfloat16|, over bfloat16).\n")
     return out
 
 # %% ../nbs/08_report.ipynb #6dd5c413
@@ -318,7 +322,7 @@ def report_pdf(html_path, dest=None) -> Path|None:
 
 # %% ../nbs/08_report.ipynb #023e9ff3
 def benchmark_table(bench:dict) -> 'pd.DataFrame':
-    "One row per case and recipe: dropout, what the product chose, tokens/s, peak memory, MFU and eval loss."
+    "Per case and recipe: dropout, what the product chose, tokens/s, peak memory, MFU, eval loss (own dtype, float32)."
     import pandas as pd
     rows = {}
     for case, by in bench['results'].items():
@@ -326,7 +330,8 @@ def benchmark_table(bench:dict) -> 'pd.DataFrame':
             if 'tokens_per_s' not in r and 'tokens_per_s_real' not in r: continue  # profiles and dtype runs
             rows[(case, recipe)] = {'dropout': r.get('dropout', 0.05), 'checkpointing': r.get('checkpointing'),
                                     'liger': r.get('liger'), 'tokens/s': r.get('tokens_per_s', r.get('tokens_per_s_real')),
-                                    'peak GiB': r.get('peak_gib'), 'MFU': r.get('mfu'), 'eval loss': r.get('eval_loss')}
+                                    'peak GiB': r.get('peak_gib'), 'MFU': r.get('mfu'), 'eval loss': r.get('eval_loss'),
+                                    'eval loss float32': r.get('eval_loss_float32')}
     return pd.DataFrame(rows).T
 
 # %% ../nbs/08_report.ipynb #2cb0119d
