@@ -292,11 +292,10 @@ def real_case(recipe, tok, data, device, max_len, work, shape=None, model_path=N
            'final_train_loss': losses[-1], **notes}
     if not shape:
         model.eval(); ev = response_perplexity(model, tok, data.splits['validation'], batch_size=4)
-        model.save_pretrained(Path(work)/f'real-model-{recipe}-adapter')
+        adapter = Path(work)/f'real-model-{recipe}-adapter'; model.save_pretrained(adapter)
         res |= {'eval_loss': ev['loss'], 'eval_tokens': ev['tokens']}
     del model; reset_memory()
-    if not shape: res['eval_loss_float32'] = float32_eval(model_path, Path(work)/f'real-model-{recipe}-adapter', tok,
-                                                          data.splits['validation'])
+    if not shape: res['eval_loss_float32'] = float32_eval(model_path, adapter, tok, data.splits['validation'])
     return res
 
 
@@ -309,9 +308,8 @@ def dtype_case(dtype, model_path, max_len, max_examples, work, adapters='auto'):
         [f'data.max_samples={max_examples}'] if max_examples else [])
     cfg = product_config(work, f'dtype-{dtype}-{adapters}', max_len, 4, model=model_path, extra=extra)
     reset_memory(); res = train(cfg, live=False)
-    tok, model = res.trainer.processing_class, res.trainer.model
-    model.eval(); ev = response_perplexity(model, tok, res.trainer.eval_dataset, batch_size=4); peak = peak_gib()
-    eval_ds = res.trainer.eval_dataset
+    tok, model, eval_ds = res.trainer.processing_class, res.trainer.model, res.trainer.eval_dataset
+    model.eval(); ev = response_perplexity(model, tok, eval_ds, batch_size=4); peak = peak_gib()
     out = {'dtype': dtype, 'adapter_dtype': adapters, 'eval_loss': ev['loss'],
            'final_train_loss': res.summary['final_train_loss'],
            'tokens_per_s_real': res.summary['tokens_seen'] / res.summary['wall_time_s'], 'peak_gib': peak}

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['CPU_DTYPE_ENV', 'RUN_PRESETS', 'SIZE_PRESETS', 'MIN_GPU_GB', 'MIN_GPUS', 'resolve_compute_dtype', 'ModelSettings',
            'QuantSettings', 'LoraSettings', 'DataSettings', 'TrainSettings', 'EvalSettings', 'OutputSettings',
-           'RunConfig', 'ConfigError', 'validate', 'read_config', 'apply_overrides', 'presets_table', 'load_config',
-           'check_gpu_fit', 'check_gpu_count', 'Run', 'Study']
+           'RunConfig', 'ConfigError', 'check_adapter_dtype', 'validate', 'read_config', 'apply_overrides',
+           'presets_table', 'load_config', 'check_gpu_fit', 'check_gpu_count', 'Run', 'Study']
 
 # %% ../nbs/00_core.ipynb #ae088bfa
 import difflib, json, logging, os, re, types, warnings
@@ -235,6 +235,12 @@ def _get(cfg, key):
     sec, name = key.split('.')
     return getattr(getattr(cfg, sec), name)
 
+def check_adapter_dtype(adapter_dtype:str, fp16:bool):
+    "Refuse bfloat16 adapters under float16 compute (a T4), whose gradient scaler needs float32 ones."
+    if adapter_dtype == 'bfloat16' and fp16:
+        raise ConfigError("lora.adapter_dtype: 'bfloat16' adapters cannot train under float16 compute (a T4): "
+                          "its gradient scaler needs float32 ones")
+
 def validate(cfg:RunConfig) -> RunConfig:
     "Raise `ConfigError` for the first value that cannot work, naming its key; return `cfg` otherwise."
     for key, allowed in _choices.items():
@@ -248,9 +254,7 @@ def validate(cfg:RunConfig) -> RunConfig:
                           f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
-    if cfg.lora.adapter_dtype == 'bfloat16' and cfg.quant.compute_dtype == 'float16':  # the gradient scaler's rule
-        raise ConfigError("lora.adapter_dtype: 'bfloat16' adapters cannot train under quant.compute_dtype='float16' "
-                          "(a T4): its gradient scaler needs float32 ones")
+    check_adapter_dtype(cfg.lora.adapter_dtype, fp16=cfg.quant.compute_dtype == 'float16')  # `train` checks 'auto'
     return cfg
 
 # %% ../nbs/00_core.ipynb #b1b4a0b3

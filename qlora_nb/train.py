@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .core import ConfigError, Run, RunConfig, resolve_compute_dtype, check_gpu_count, check_gpu_fit
+from .core import Run, RunConfig, check_adapter_dtype, resolve_compute_dtype, check_gpu_count, check_gpu_fit
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora
@@ -251,9 +251,7 @@ def adapter_dtype(cfg:RunConfig, fp16:bool) -> torch.dtype|None:
     "The dtype the trained weights are stored in, from `lora.adapter_dtype`; None keeps TRL's."
     want = cfg.lora.adapter_dtype
     if want == 'auto': want = 'float32' if fp16 or not fsdp_enabled() else None
-    if want == 'bfloat16' and fp16:  # `quant.compute_dtype='auto'` picks float16 on a T4
-        raise ConfigError("lora.adapter_dtype: 'bfloat16' adapters cannot train under float16 compute (a T4): "
-                          "its gradient scaler needs float32 ones")
+    check_adapter_dtype(want, fp16)  # `quant.compute_dtype='auto'` picks float16 on a T4
     return getattr(torch, want) if want else None
 
 def set_adapter_dtype(model, dtype:torch.dtype|None):
