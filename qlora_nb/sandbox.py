@@ -69,6 +69,7 @@ if pid:  # the launcher: hand the judge its configuration, wait for it, pass on 
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
 os.close(w)
+if spaces: os.setsid()  # the namespace's own session: a program's killpg(0) cannot reach the launcher
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 def mount(src, dst, fstype, flags, data):
     enc = lambda x: x and x.encode()

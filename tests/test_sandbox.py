@@ -19,6 +19,7 @@ def check_rows(rows, who, guard):
     "Every forgery fails; no program escapes, damages, kills or leaves anything; the evaluator always returns."
     for r in rows:
         assert not r['escaped'] and r['left behind'] == [], (who, r)
+        assert 'without a verdict' not in r['detail'], (who, r)  # no program reaches the launcher or the judge
         assert r['wall_s'] < FAST.wall_s + 6, (who, r)
         assert r['status'] != 'passed' or r['program'] == 'passes, but leaves a daemon behind', (who, r)
     by = {r['program']: r for r in rows}
