@@ -420,6 +420,7 @@ def main(argv=None):
     ap.add_argument('--model', default='default', help='model of the real-data case')
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
+    ap.add_argument('--skip', nargs='+', default=[], help='skip the cases whose names contain one of these words')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
     ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
@@ -474,6 +475,7 @@ def main(argv=None):
                               for d in (0.05, 0.0)}
     for name, recipes in cases.items():
         if args.only and not any(w in name for w in args.only): continue
+        if any(w in name for w in args.skip): continue
         results.setdefault(name, {})
         for recipe, run in recipes.items():
             if recipe in results[name]: continue

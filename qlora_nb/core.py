@@ -118,6 +118,8 @@ class TrainSettings:
     gradient_checkpointing: Union[bool, str] = 'auto'  # True, False, or 'auto': off when it fits the memory budget
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed
+    compile: bool = False  # torch.compile each decoder layer: fewer, fused kernels; the first steps compile
+    activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 100
@@ -209,6 +211,7 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
                                         'polynomial'),
             'model.size': (None, '7b', '13b', '70b'),
             'train.gradient_checkpointing': (True, False, 'auto'), 'train.liger': (True, False, 'auto'),
+            'train.compile': (True, False), 'train.activation_offloading': (True, False),
             'train.distributed': ('ddp', 'fsdp')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
           ('lora.lora_dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)'),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRAIN_COLUMNS', 'QUICK', 'use_liger', 'sft_config', 'trainer_datasets', 'layer_activation_bytes', 'memory_budget',
-           'use_checkpointing', 'add_run_lora', 'NoCudnnAttention', 'TrainingDiverged', 'OutOfMemory',
+           'use_checkpointing', 'add_run_lora', 'NoCudnnAttention', 'compile_layers', 'TrainingDiverged', 'OutOfMemory',
            'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
            'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train',
            'StopAtStep']
@@ -50,6 +50,9 @@ _CKPT_ARG = 'activation_checkpointing' if 'activation_checkpointing' in _SFT_FIE
 def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
     "TRL's SFTConfig for run config `cfg` (`kwargs` override)."
     t, dtype = cfg.train, resolve_compute_dtype(cfg.quant.compute_dtype)
+    if t.activation_offloading and not torch.cuda.is_available():
+        raise ValueError('train.activation_offloading=true: it moves activations from a CUDA GPU to CPU memory; '
+                         'there is no GPU here')
     args = dict(
         output_dir=str(cfg.run_dir), report_to=[r for r in cfg.output.report_to if r != 'tensorboard'] or 'none',
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
@@ -65,6 +68,7 @@ def sft_config(cfg:RunConfig, **kwargs) -> SFTConfig:
         **{_CKPT_ARG: False},  # already on, set up by `add_lora` without the float32 upcast
         packing=cfg.data.packing, padding_free=cfg.data.packing,
         **(_LENGTH_ARGS if cfg.data.group_by_length and not cfg.data.packing else {}),
+        **({'activation_offloading': t.activation_offloading} if 'activation_offloading' in _SFT_FIELDS else {}),
         use_liger_kernel=use_liger(cfg),  # TRL's fused LM head computes the loss: Liger's cross-entropy stays off
         liger_kernel_config={'rope': True, 'rms_norm': True, 'swiglu': True, 'cross_entropy': False,
                              'fused_linear_cross_entropy': False},
@@ -114,6 +118,15 @@ class NoCudnnAttention(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.was = torch.backends.cuda.cudnn_sdp_enabled(); torch.backends.cuda.enable_cudnn_sdp(False)
     def on_train_end(self, args, state, control, **kw): torch.backends.cuda.enable_cudnn_sdp(self.was)
+
+# %% ../nbs/04_training.ipynb #652a8e33
+def compile_layers(model, backend:str='inductor'):
+    "Compile each decoder layer of `model` in place (one graph serves every layer of the same shape)."
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers: raise ValueError(f'train.compile: no decoder layers found in {type(model).__name__}')
+    for layer in layers: layer.compile(backend=backend)
+    return model
 
 # %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
@@ -274,6 +287,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
+    if cfg.train.compile: compile_layers(trainer.model)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
     except ImportError: return trainer
