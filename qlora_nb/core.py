@@ -257,6 +257,8 @@ def validate(cfg:RunConfig) -> RunConfig:
                           f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
+    if cfg.train.compile and cfg.train.activation_offloading:  # on an H200, Inductor's graph broke at a custom op
+        raise ConfigError("train.activation_offloading: not with train.compile (the compiled layers fail under it)")
     check_adapter_dtype(cfg.lora.adapter_dtype, fp16=cfg.quant.compute_dtype == 'float16')  # `train` checks 'auto'
     return cfg
 
