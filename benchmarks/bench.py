@@ -136,6 +136,8 @@ def synthetic_data(vocab, seq, n, seed=0):
     return PreparedData(DatasetDict(train=ds, validation=ds.select(range(1))), DatasetDict())
 
 
+SETTINGS = []  # `--set`: product settings for every case of this invocation
+
 def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, model='default', extra=()):
     "The product's run config for a benchmark case: its defaults, with the case's shape and the shared LoRA."
     from qlora_nb.core import load_config
@@ -144,7 +146,7 @@ def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, mode
         f'train.gradient_accumulation_steps={accum}', f'train.max_steps={steps}', 'train.num_train_epochs=1',
         'train.learning_rate=2e-4', 'train.logging_steps=1', 'train.eval_steps=1000000', 'train.save_steps=1000000',
         f'lora.lora_dropout={dropout}', f'lora.target_modules={TARGETS}', 'lora.r=16', 'lora.lora_alpha=32',
-        'train.seed=0', *extra])
+        'train.seed=0', *SETTINGS, *extra])
 
 
 class StepTimer(TrainerCallback):
@@ -420,6 +422,7 @@ def main(argv=None):
     ap.add_argument('--model', default='default', help='model of the real-data case')
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
+    ap.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='product settings for every product case')
     ap.add_argument('--skip', nargs='+', default=[], help='skip the cases whose names contain one of these words')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
@@ -427,6 +430,7 @@ def main(argv=None):
     ap.add_argument('--work', default=None, help='scratch folder for the product runs (default: a temporary one)')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
     args = ap.parse_args(argv)
+    SETTINGS[:] = args.set
     import tempfile
     from qlora_nb.model import llama3_8b_config, load_tokenizer
     from qlora_nb.weights import resolve_model, tiny_model_dir
