@@ -58,7 +58,7 @@ if spaces and not root:  # the same uid inside: its capabilities there end when 
 r, w = os.pipe()
 pid = os.fork()
 if pid:  # the launcher: hand the judge its configuration, wait for it, pass on its exit status
-    os.close(r); os.close(verdict)
+    report(judge=pid); os.close(r); os.close(verdict)  # its pid here, outside the namespace
     def stop(*_):  # the evaluator's "time is up"; the judge is our unreaped child, so its pid is still its own
         try: os.kill(pid, signal.SIGKILL)
         except ProcessLookupError: pass
@@ -301,6 +301,11 @@ def _messages(fd, buf):
     lines = [l for l in buf.decode('utf-8', 'replace').splitlines() if l.strip()]
     return buf, {k: v for l in lines for k, v in json.loads(l).items()}
 
+def _wait_gone(pid, timeout=5.0):
+    "Wait until process `pid` has ended (a zombie counts): the judge, whose end ends its namespace."
+    end = time.time() + timeout
+    while _state(pid) not in ('Z', None) and time.time() < end: time.sleep(0.01)
+
 def _launch(cfg, verdict_r, verdict_w, limits, root, uid):
     "Start the launcher, wait at most `wall_s`, then make sure nothing it started is left; what came back."
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -315,6 +320,7 @@ def _launch(cfg, verdict_r, verdict_w, limits, root, uid):
             try: code = p.wait(timeout=5)
             except subprocess.TimeoutExpired: os.killpg(p.pid, signal.SIGKILL); code = p.wait()  # still ours: unreaped
         _, msgs = _messages(verdict_r, b''); os.close(verdict_r)
+        if code < 0 and 'judge' in msgs: _wait_gone(msgs['judge'])  # the launcher was killed: not our child
         if root and 'PID namespace' not in msgs.get('protections', []): _sweep(uid)  # whatever its uid still runs
         cap = limits.output_kb << 10
         return timed_out, code, msgs, _read_capped(out, cap), _read_capped(err, cap)
