@@ -287,7 +287,11 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
-    if cfg.train.compile: compile_layers(trainer.model)
+    if cfg.train.compile:
+        if not cfg.data.packing and len(set(map(len, train_ds['input_ids']))) > 1:
+            warnings.warn('train.compile: the examples differ in length, and every new batch length compiles again '
+                          '(an epoch of the 8B shape on real lengths ran 7x slower compiled on an H200; 04_training)')
+        compile_layers(trainer.model)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
     except ImportError: return trainer
