@@ -127,6 +127,29 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def peak_allocations(snapshot, before=0, top=12):
+    """Where the memory was at the allocation peak of a CUDA memory-history `snapshot`
+    (`torch.cuda.memory._snapshot()`): GiB alive per allocating frame, the frame outside torch, nearest the
+    allocation; `before` is what was allocated when the recording began (the weights), counted apart."""
+    events = [e for e in snapshot['device_traces'][0] if e['action'] in ('alloc', 'free_completed')]
+    cur = peak = peak_at = 0
+    for i, e in enumerate(events):
+        cur += e['size'] if e['action'] == 'alloc' else -e['size']
+        if cur > peak: peak, peak_at = cur, i
+    live = {}
+    for e in events[:peak_at + 1]:
+        if e['action'] == 'alloc': live[e['addr']] = e
+        else: live.pop(e['addr'], None)
+    def where(e):
+        frames = [f for f in e.get('frames', []) if '/torch/' not in f['filename'] and f['filename'] != '??']
+        return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames else '?'
+    by = {}
+    for e in live.values(): by[where(e)] = by.get(where(e), 0) + e['size']
+    rows = sorted(by.items(), key=lambda kv: -kv[1])[:top]
+    return {'before_gib': before / 2**30, 'peak_gib': (before + peak) / 2**30,
+            'at_peak': [{'where': w, 'gib': b / 2**30} for w, b in rows]}
+
+
 def synthetic_data(vocab, seq, n, seed=0):
     "`n` rows of `seq` random tokens, every token trained, as the product's `PreparedData`."
     from datasets import Dataset, DatasetDict
@@ -137,6 +160,7 @@ def synthetic_data(vocab, seq, n, seed=0):
 
 
 SETTINGS = []  # `--set`: product settings for every case of this invocation
+MEMORY_HISTORY = False  # `--memory-history`: where the memory is at the peak of each synthetic product case
 
 def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, model='default', extra=()):
     "The product's run config for a benchmark case: its defaults, with the case's shape and the shared LoRA."
@@ -189,7 +213,12 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
         name = f'{recipe}-{seq}x{batch}-{dropout}' + ''.join(f'-{o}' for o in extra)
         cfg = product_config(work, name, seq, batch, steps=warmup + steps, dropout=dropout, extra=extra)
         trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, batch * (warmup + steps)))
+        record = MEMORY_HISTORY and torch.cuda.is_available()
+        if record: before = torch.cuda.memory_allocated(); torch.cuda.memory._record_memory_history(max_entries=500_000)
         trainer.train()
+        if record:
+            notes['memory_at_peak'] = peak_allocations(torch.cuda.memory._snapshot(), before)
+            torch.cuda.memory._record_memory_history(enabled=None)
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
         losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -423,6 +452,8 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
     ap.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='product settings for every product case')
+    ap.add_argument('--memory-history', action='store_true',
+                    help="record CUDA memory history in the synthetic product cases: what is alive at the peak, by frame")
     ap.add_argument('--skip', nargs='+', default=[], help='skip the cases whose names contain one of these words')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
@@ -431,6 +462,7 @@ def main(argv=None):
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
     args = ap.parse_args(argv)
     SETTINGS[:] = args.set
+    global MEMORY_HISTORY; MEMORY_HISTORY = args.memory_history
     import tempfile
     from qlora_nb.model import llama3_8b_config, load_tokenizer
     from qlora_nb.weights import resolve_model, tiny_model_dir

@@ -25,3 +25,20 @@ def test_bench_tiny_mode(tmp_path):
     product = res['results']['llama3-8b-shape 2048x1']['qlora_nb']
     assert {'checkpointing', 'liger', 'group_by_length'} <= set(product)  # the product's own choices, recorded
     assert (tmp_path/'w'/'qlora_nb-128x1-0.05'/'training_history.json').exists()  # the product's trainer ran
+
+
+def test_peak_allocations_reads_what_is_alive_at_the_peak():
+    "The memory-history reader replays allocations to the peak and groups what is alive by its frame outside torch."
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    from bench import peak_allocations
+    frames = lambda f, line: [{'filename': '/v/torch/nn/functional.py', 'line': 1, 'name': 'linear'},
+                              {'filename': f'/v/site-packages/{f}', 'line': line, 'name': 'forward'}]
+    trace = [dict(action='alloc', addr=1, size=2**29, frames=frames('peft/lora.py', 10)),
+             dict(action='alloc', addr=2, size=3 * 2**29, frames=frames('trl/utils.py', 5)),
+             dict(action='free_completed', addr=1, size=2**29, frames=[]),
+             dict(action='alloc', addr=3, size=2**29, frames=frames('peft/lora.py', 10)),
+             dict(action='free_requested', addr=3, size=2**29, frames=[]),  # requested is not yet freed
+             dict(action='free_completed', addr=2, size=3 * 2**29, frames=[])]
+    got = peak_allocations({'device_traces': [trace]}, before=2**30)
+    assert got['peak_gib'] == 3.0 and got['before_gib'] == 1.0  # 1 GiB before + 0.5 + 1.5 alive at once
+    assert got['at_peak'] == [{'where': 'trl/utils.py:5 forward', 'gib': 1.5}, {'where': 'peft/lora.py:10 forward', 'gib': 0.5}]
