@@ -142,7 +142,8 @@ def peak_allocations(snapshot, before=0, top=12):
         else: live.pop(e['addr'], None)
     def where(e):
         frames = [f for f in e.get('frames', []) if '/torch/' not in f['filename'] and f['filename'] != '??']
-        return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames else '?'
+        if not frames: return '?'
+        return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}"
     by = {}
     for e in live.values(): by[where(e)] = by.get(where(e), 0) + e['size']
     rows = sorted(by.items(), key=lambda kv: -kv[1])[:top]
