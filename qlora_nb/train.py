@@ -122,9 +122,13 @@ class NoCudnnAttention(TrainerCallback):
 # %% ../nbs/04_training.ipynb #652a8e33
 def compile_layers(model, backend:str='inductor'):
     "Compile each decoder layer of `model` in place (one graph serves every layer of the same shape)."
+    import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers: raise ValueError(f'train.compile: no decoder layers found in {type(model).__name__}')
+    # an optimization, not a requirement: a layer Dynamo cannot trace runs as it is, with Dynamo's warning
+    # (on an H200 it failed on SmolLM2-135M); this process's other compiled code is lenient too
+    torch._dynamo.config.suppress_errors = True
     for layer in layers: layer.compile(backend=backend)
     return model
 
