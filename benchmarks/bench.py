@@ -24,7 +24,7 @@ Model FLOPs per trained token (the convention of the MFU column): 4*N_frozen (fo
 frozen base; no weight gradients) + 6*N_lora + 12*L*s*d_attn for attention scores and values (forward + backward,
 no causal discount); recomputation from checkpointing is not counted. The peak is a measured bf16 matmul.
 """
-import argparse, datetime, gc, json, math, platform, random, sys, time
+import argparse, collections, datetime, gc, json, math, platform, random, sys, time
 from pathlib import Path
 
 import torch
@@ -144,9 +144,9 @@ def peak_allocations(snapshot, before=0, top=12):
         frames = [f for f in e.get('frames', []) if '/torch/' not in f['filename'] and f['filename'] != '??']
         if not frames: return '?'
         return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}"
-    by = {}
-    for e in live.values(): by[where(e)] = by.get(where(e), 0) + e['size']
-    rows = sorted(by.items(), key=lambda kv: -kv[1])[:top]
+    by = collections.Counter()
+    for e in live.values(): by[where(e)] += e['size']
+    rows = by.most_common(top)
     return {'before_gib': before / 2**30, 'peak_gib': (before + peak) / 2**30,
             'at_peak': [{'where': w, 'gib': b / 2**30} for w, b in rows]}
 
