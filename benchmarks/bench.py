@@ -28,6 +28,7 @@ import argparse, collections, datetime, gc, json, math, platform, random, sys, t
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 from transformers import TrainerCallback
 
@@ -184,7 +185,7 @@ class StepTimer(TrainerCallback):
 def product_choices(cfg, model):
     from qlora_nb.train import use_checkpointing, use_liger
     return {'checkpointing': use_checkpointing(cfg, model.config), 'liger': use_liger(cfg),
-            'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+            'compile': cfg.train.compile, 'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
 
 
 def product_trainer(cfg, model, tok, data):
@@ -192,7 +193,7 @@ def product_trainer(cfg, model, tok, data):
     from qlora_nb.train import add_run_lora, build_trainer
     choices = product_choices(cfg, model)
     model = add_run_lora(cfg, model)
-    timer = StepTimer()
+    timer = StepTimer(); torch._dynamo.utils.counters.clear()  # counts the graphs this case compiles
     return build_trainer(cfg, data, model, tok, [timer], live=False), timer, choices
 
 
@@ -221,6 +222,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
             notes['memory_at_peak'] = peak_allocations(torch.cuda.memory._snapshot(), before)
             torch.cuda.memory._record_memory_history(enabled=None)
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
+        notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
         losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tps = batch * seq * steps / dt
@@ -288,7 +290,7 @@ def seed_epoch(model, tok, data, max_len, device):
 def product_epoch(cfg, model, tok, data):
     "The product's epoch; wall time and real tokens from the second step on, as `seed_epoch`."
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
-    trainer.train()
+    trainer.train(); notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     real = logged[-1]['num_tokens'] - logged[0]['num_tokens']  # TRL counts the tokens under the attention mask
     return trainer.model, timer.times[-1] - timer.times[0], real, [h['loss'] for h in logged], notes
@@ -456,6 +458,7 @@ def main(argv=None):
     ap.add_argument('--memory-history', action='store_true',
                     help="record CUDA memory history in the synthetic product cases: what is alive at the peak, by frame")
     ap.add_argument('--skip', nargs='+', default=[], help='skip the cases whose names contain one of these words')
+    ap.add_argument('--recipes', nargs='+', help='run only these recipes (seed, qlora_nb, unsloth, ...) of each case')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
     ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
@@ -515,7 +518,7 @@ def main(argv=None):
         if any(w in name for w in args.skip): continue
         results.setdefault(name, {})
         for recipe, run in recipes.items():
-            if recipe in results[name]: continue
+            if recipe in results[name] or (args.recipes and recipe not in args.recipes): continue
             results[name][recipe] = run(recipe)
             print(name, recipe, json.dumps(results[name][recipe])[:400], flush=True)
             out = save()

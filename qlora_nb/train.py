@@ -120,8 +120,8 @@ class NoCudnnAttention(TrainerCallback):
     def on_train_end(self, args, state, control, **kw): torch.backends.cuda.enable_cudnn_sdp(self.was)
 
 # %% ../nbs/04_training.ipynb #652a8e33
-def compile_layers(model, backend:str='inductor'):
-    "Compile each decoder layer of `model` in place (one graph serves every layer of the same shape)."
+def compile_layers(model, backend:str='inductor', dynamic:bool|None=None):
+    "Compile each decoder layer of `model` in place; `dynamic=True`: one graph for every batch shape."
     import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -129,7 +129,7 @@ def compile_layers(model, backend:str='inductor'):
     # an optimization, not a requirement: a layer Dynamo cannot trace runs as it is, with Dynamo's warning
     # (on an H200 it failed on SmolLM2-135M); this process's other compiled code is lenient too
     torch._dynamo.config.suppress_errors = True
-    for layer in layers: layer.compile(backend=backend)
+    for layer in layers: layer.compile(backend=backend, dynamic=dynamic)
     return model
 
 # %% ../nbs/04_training.ipynb #b00a33df
@@ -291,11 +291,9 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
-    if cfg.train.compile:
-        if not cfg.data.packing and len(set(map(len, train_ds['input_ids']))) > 1:
-            warnings.warn('train.compile: the examples differ in length, and every new batch length compiles again '
-                          '(an epoch of the 8B shape on real lengths ran 7x slower compiled on an H200; 04_training)')
-        compile_layers(trainer.model)
+    if cfg.train.compile:  # batches of different lengths share one shape-generic graph instead of compiling again
+        lengths_vary = cfg.data.packing or len(set(map(len, train_ds['input_ids']))) > 1
+        compile_layers(trainer.model, dynamic=True if lengths_vary else None)
     # tqdm's own notebook-aware bar: transformers' HTML bar fails at the end of a resumed run
     try: from transformers.utils.notebook import NotebookProgressCallback  # needs IPython, absent outside Jupyter
     except ImportError: return trainer
