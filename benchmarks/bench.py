@@ -183,9 +183,9 @@ class StepTimer(TrainerCallback):
 
 
 def product_choices(cfg, model):
-    from qlora_nb.train import use_checkpointing, use_liger
+    from qlora_nb.train import use_checkpointing, use_compile, use_liger
     return {'checkpointing': use_checkpointing(cfg, model.config), 'liger': use_liger(cfg),
-            'compile': cfg.train.compile, 'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+            'compile': use_compile(cfg), 'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
 
 
 def product_trainer(cfg, model, tok, data):
@@ -223,6 +223,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
             torch.cuda.memory._record_memory_history(enabled=None)
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
         notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
+        notes['step_s'] = [round(b - a, 4) for a, b in zip([timer.start, *timer.times], timer.times)]
         losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tps = batch * seq * steps / dt

@@ -118,7 +118,7 @@ class TrainSettings:
     gradient_checkpointing: Union[bool, str] = 'auto'  # True, False, or 'auto': off when it fits the memory budget
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed
-    compile: bool = False  # torch.compile each decoder layer: +15% on fixed-length batches, slower on real ones (04)
+    compile: Union[bool, str] = 'auto'  # torch.compile each decoder layer; 'auto': on a GPU, in a single process (04)
     activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass
     seed: int = 42
     logging_steps: int = 10
@@ -211,7 +211,7 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
                                         'polynomial'),
             'model.size': (None, '7b', '13b', '70b'),
             'train.gradient_checkpointing': (True, False, 'auto'), 'train.liger': (True, False, 'auto'),
-            'train.compile': (True, False), 'train.activation_offloading': (True, False),
+            'train.compile': (True, False, 'auto'), 'train.activation_offloading': (True, False),
             'train.distributed': ('ddp', 'fsdp')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
           ('lora.lora_dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
@@ -257,7 +257,7 @@ def validate(cfg:RunConfig) -> RunConfig:
                           f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
-    if cfg.train.compile and cfg.train.activation_offloading:  # on an H200, Inductor's graph broke at a custom op
+    if cfg.train.compile is True and cfg.train.activation_offloading:  # on an H200, Inductor's graph broke at a custom op
         raise ConfigError("train.activation_offloading: not with train.compile (the compiled layers fail under it)")
     check_adapter_dtype(cfg.lora.adapter_dtype, fp16=cfg.quant.compute_dtype == 'float16')  # `train` checks 'auto'
     return cfg
