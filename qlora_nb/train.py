@@ -138,6 +138,9 @@ def compile_layers(model, backend:str='inductor', dynamic:bool|None=None):
     # an optimization, not a requirement: a layer Dynamo cannot trace runs as it is, with Dynamo's warning
     # (on an H200 it failed on SmolLM2-135M); this process's other compiled code is lenient too
     torch._dynamo.config.suppress_errors = True
+    # Dynamo's recompile limit counts graphs per code object, over every model this process compiled: without a
+    # reset, the third model in one process ran uncompiled (a benchmark, on an H200)
+    torch._dynamo.reset()
     for layer in layers: layer.compile(backend=backend, dynamic=dynamic)
     return model
 
