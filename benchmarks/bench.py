@@ -175,6 +175,11 @@ def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, mode
         'train.seed=0', *SETTINGS, *extra])
 
 
+# The synthetic 8B cases time the first steps of a fine-tuning run of this many steps, and the product makes its
+# choices (`train.compile: auto`) for that run; the real-data cases run their one short epoch, as planned
+PLANNED_STEPS = 1000
+
+
 class StepTimer(TrainerCallback):
     "Times the trainer's optimizer steps: it measures, it does not train."
     def __init__(self): self.times, self.start = [], None
@@ -182,19 +187,22 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw): sync(); self.times.append(time.perf_counter())
 
 
-def product_choices(cfg, model):
-    from qlora_nb.train import use_checkpointing, use_compile, use_liger
-    return {'checkpointing': use_checkpointing(cfg, model.config), 'liger': use_liger(cfg),
-            'compile': use_compile(cfg), 'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+class StopAfter(TrainerCallback):
+    "Ends a run planned for more steps after `steps` optimizer steps: the product plans for the run it is given."
+    def __init__(self, steps): self.steps = steps
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.steps: control.should_training_stop = True
 
 
-def product_trainer(cfg, model, tok, data):
-    "The product's own path: `add_run_lora` + `build_trainer` (what `train()` runs), and a step timer."
-    from qlora_nb.train import add_run_lora, build_trainer
-    choices = product_choices(cfg, model)
+def product_trainer(cfg, model, tok, data, callbacks=()):
+    "The product's own path: `add_run_lora` + `build_trainer` (what `train()` runs), a step timer, and its choices."
+    from qlora_nb.train import add_run_lora, build_trainer, use_checkpointing
+    ckpt = use_checkpointing(cfg, model.config)
     model = add_run_lora(cfg, model)
     timer = StepTimer(); torch._dynamo.utils.counters.clear()  # counts the graphs this case compiles
-    return build_trainer(cfg, data, model, tok, [timer], live=False), timer, choices
+    trainer = build_trainer(cfg, data, model, tok, [timer, *callbacks], live=False)
+    return trainer, timer, {'checkpointing': ckpt, 'liger': trainer.args.use_liger_kernel, 'compile': trainer.compiled_layers,
+                            'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
 
 
 def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops, tok, work, dropout=0.05, extra=()):
@@ -213,8 +221,9 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
         sync(); dt, notes = time.perf_counter() - t, {}
     else:
         name = f'{recipe}-{seq}x{batch}-{dropout}' + ''.join(f'-{o}' for o in extra)
-        cfg = product_config(work, name, seq, batch, steps=warmup + steps, dropout=dropout, extra=extra)
-        trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, batch * (warmup + steps)))
+        cfg = product_config(work, name, seq, batch, steps=PLANNED_STEPS, dropout=dropout, extra=extra)
+        trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, batch * (warmup + steps)),
+                                                [StopAfter(warmup + steps)])
         record = MEMORY_HISTORY and torch.cuda.is_available()
         if record: before = torch.cuda.memory_allocated(); torch.cuda.memory._record_memory_history(max_entries=500_000)
         trainer.train()
@@ -392,8 +401,9 @@ def profile_case(model_path, max_len, work, steps=5):
 def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
     "The same for the 8B shape at `seq` x 1 (where does the time of a step go, with and without LoRA dropout)."
     reset_memory(); model = random_4bit_model(config, device); reset_memory()
-    cfg = product_config(work, f'profile-8b-{dropout}', seq, 1, steps=2 + steps, dropout=dropout)
-    trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps))
+    cfg = product_config(work, f'profile-8b-{dropout}', seq, 1, steps=PLANNED_STEPS, dropout=dropout)
+    trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps),
+                                            [StopAfter(2 + steps)])
     cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train()
     del model, trainer; reset_memory()
     return {**cb.report(), **notes}

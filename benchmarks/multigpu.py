@@ -156,7 +156,7 @@ def quantize_layerwise(config, device, dtype, storage):
 
 
 def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
-    from bench import StepTimer, peak_gib, product_choices, product_config, product_trainer, real_rows, reset_memory
+    from bench import StepTimer, peak_gib, product_config, product_trainer, real_rows, reset_memory
     from qlora_nb.core import resolve_compute_dtype
     from qlora_nb.distributed import fsdp_enabled, local_rank, start_processes, world_size
     from qlora_nb.weights import resolve_model, tiny_model_dir
@@ -182,8 +182,7 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     big = ['train.gradient_checkpointing=true'] if name in LADDER else []  # 'auto' does not know FSDP shards the weights
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
                          extra=[f'train.distributed={distributed}', *big, *overrides])
-    choices = product_choices(cfg, model)
-    trainer, timer, _ = product_trainer(cfg, model, tok, data)
+    trainer, timer, choices = product_trainer(cfg, model, tok, data)
     peak = TrainPeak(); trainer.add_callback(peak)
     if profile: trainer.add_callback(StepProfile(f'{out_prefix}.rank{rank}.prof.txt', min(6, steps - 3), min(9, steps)))
     trainer.train()
