@@ -9,7 +9,8 @@ Unsloth.
 Writes benchmarks/results/<tag>.json (or --out), with a top-level "summary". Every recipe gets the same 4-bit model
 (NF4 + double quantization, bf16 compute, quantized in memory: the weights' values do not change speed or memory, and
 an 8B checkpoint need not exist) and the same LoRA (r=16, alpha=32 on q,k,v,o,gate,up,down; dropout named per row),
-paged AdamW 8-bit, lr 2e-4, seed 0.
+lr 2e-4, seed 0; each row names its optimizer (the seed's paged AdamW 8-bit; the product's default, torch's fused AdamW,
+for qlora_nb and for Unsloth).
 
 * seed: exactly the seeds' recipe, in its own loop: peft's `prepare_model_for_kbit_training` (which upcasts
   embeddings, norms and lm_head to float32), gradient checkpointing (use_reentrant=False), every example padded to
@@ -201,7 +202,8 @@ def product_trainer(cfg, model, tok, data, callbacks=()):
     model = add_run_lora(cfg, model)
     timer = StepTimer(); torch._dynamo.utils.counters.clear()  # counts the graphs this case compiles
     trainer = build_trainer(cfg, data, model, tok, [timer, *callbacks], live=False)
-    return trainer, timer, {'checkpointing': ckpt, 'liger': trainer.args.use_liger_kernel, 'compile': trainer.compiled_layers,
+    return trainer, timer, {'optim': trainer.args.optim, 'checkpointing': ckpt, 'liger': trainer.args.use_liger_kernel,
+                            'compile': trainer.compiled_layers,
                             'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
 
 
@@ -218,7 +220,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
         for _ in range(warmup): seed_step(model, opt, data)
         sync(); t = time.perf_counter()
         losses = [seed_step(model, opt, data) for _ in range(steps)]
-        sync(); dt, notes = time.perf_counter() - t, {}
+        sync(); dt, notes = time.perf_counter() - t, {'optim': 'paged_adamw_8bit'}
     else:
         name = f'{recipe}-{seq}x{batch}-{dropout}' + ''.join(f'-{o}' for o in extra)
         cfg = product_config(work, name, seq, batch, steps=PLANNED_STEPS, dropout=dropout, extra=extra)
@@ -421,12 +423,15 @@ def environment():
 
 
 def unsloth_case(site, seq, batch, steps, warmup, dropout, work):
-    "Unsloth on the same shape, LoRA and optimizer, in its own process with its own packages first on the path."
+    """Unsloth on the same shape, LoRA and optimizer (the product's default, `TrainSettings.optim`), in its own process
+    with its own packages first on the path."""
+    from qlora_nb.core import TrainSettings
     import os, subprocess
     env = {**os.environ, 'PYTHONPATH': f"{site}:{os.environ.get('PYTHONPATH', '')}", 'HF_HUB_OFFLINE': '1',
            'UNSLOTH_DISABLE_STATISTICS': '1'}
     cmd = [sys.executable, str(ROOT/'benchmarks'/'unsloth_case.py'), '--seq', str(seq), '--batch', str(batch),
-           '--steps', str(steps), '--warmup', str(warmup), '--dropout', str(dropout), '--work', str(work)]
+           '--steps', str(steps), '--warmup', str(warmup), '--dropout', str(dropout), '--work', str(work),
+           '--optim', TrainSettings.optim]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode: return {'recipe': 'unsloth', 'dropout': dropout, 'error': r.stderr[-2000:]}
     return json.loads(r.stdout.strip().splitlines()[-1])

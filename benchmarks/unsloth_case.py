@@ -36,13 +36,16 @@ def main():
     ap.add_argument('--seq', type=int, default=2048); ap.add_argument('--batch', type=int, default=1)
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--dropout', type=float, default=0.05); ap.add_argument('--work', default='/tmp/unsloth_work')
+    ap.add_argument('--optim', default='adamw_torch_fused', choices=['adamw_torch_fused', 'paged_adamw_8bit'])
     a = ap.parse_args()
     path = checkpoint(Path(a.work))
     model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=a.seq, dtype=torch.bfloat16, load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=a.dropout, target_modules=TARGETS,
                                              bias='none', use_gradient_checkpointing='unsloth', random_state=0)
     import bitsandbytes as bnb
-    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (bnb.optim.PagedAdamW8bit(params, lr=2e-4) if a.optim == 'paged_adamw_8bit'
+           else torch.optim.AdamW(params, lr=2e-4, fused=True))
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).cuda()
@@ -57,7 +60,7 @@ def main():
     import importlib.metadata as md
     print(json.dumps({'recipe': 'unsloth', 'dropout': a.dropout, 'seq': a.seq, 'batch': a.batch, 'steps': a.steps,
                       'tokens_per_s': a.batch * a.seq * a.steps / dt, 'peak_gib': torch.cuda.max_memory_allocated() / 2**30,
-                      'loss_last': losses[-1], 'version': md.version('unsloth')}))
+                      'loss_last': losses[-1], 'optim': a.optim, 'version': md.version('unsloth')}))
 
 
 if __name__ == '__main__':

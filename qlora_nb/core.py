@@ -114,7 +114,7 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3  # the QLoRA paper's value
-    optim: str = 'paged_adamw_8bit'
+    optim: str = 'adamw_torch_fused'  # one kernel for all adapters: faster than paged 8-bit Adam (04, 04b)
     gradient_checkpointing: Union[bool, str] = 'auto'  # True, False, or 'auto': off when it fits the memory budget
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed

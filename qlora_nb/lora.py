@@ -11,7 +11,7 @@ import re
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from .core import LoraSettings, ModelSettings, RunConfig
+from .core import LoraSettings, ModelSettings, RunConfig, TrainSettings
 
 # %% ../nbs/03_lora.ipynb #2b92f84e
 def lora_config(l:LoraSettings) -> LoraConfig:
@@ -56,11 +56,12 @@ def trainable_report(model) -> 'pd.DataFrame':
     return df
 
 # %% ../nbs/03_lora.ipynb #d4137960
-def one_step(model, tok, text:str, lr:float=1e-3, optim:str='paged_adamw_8bit'):
+def one_step(model, tok, text:str, lr:float=1e-3, optim:str=TrainSettings.optim):
     "One optimizer step of `model` on `text` (the loss on every token); returns the loss."
     import bitsandbytes as bnb
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (bnb.optim.PagedAdamW8bit if optim == 'paged_adamw_8bit' else torch.optim.AdamW)(params, lr=lr)
+    if optim == 'paged_adamw_8bit': opt = bnb.optim.PagedAdamW8bit(params, lr=lr)
+    else: opt = torch.optim.AdamW(params, lr=lr, fused=optim == 'adamw_torch_fused')
     x = tok(text, return_tensors='pt').to(model.device)
     model.train()
     loss = model(**x, labels=x['input_ids']).loss

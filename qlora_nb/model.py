@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import bitsandbytes as bnb, psutil, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .core import ModelSettings, QuantSettings, RunConfig, resolve_compute_dtype
+from .core import ModelSettings, QuantSettings, RunConfig, TrainSettings, resolve_compute_dtype
 from .distributed import fsdp_enabled, training_device_map
 from .weights import resolve_model
 
@@ -95,7 +95,7 @@ def _tensor_bytes(obj) -> int:
     if hasattr(obj, '__dict__'): return sum(_tensor_bytes(v) for k, v in vars(obj).items() if k != 'shape')
     return 0
 
-def weight_footprint(model, optim:str='paged_adamw_8bit') -> dict:
+def weight_footprint(model, optim:str=TrainSettings.optim) -> dict:
     "Bytes of the model's parameters by kind, plus the optimizer state its trainable parameters will need."
     out = dict.fromkeys(['4-bit weights', 'quant constants', '8-bit weights', 'unquantized (16/32-bit)',
                          'LoRA parameters', 'optimizer state'], 0)
@@ -118,7 +118,7 @@ def _linear_shapes(c):
     return {'q_proj': (h, q), 'k_proj': (h, kv), 'v_proj': (h, kv), 'o_proj': (q, h),
             'gate_proj': (h, i), 'up_proj': (h, i), 'down_proj': (i, h)}
 
-def footprint_from_config(c, bits:int=4, double_quant:bool=True, r:int=16, targets=None, optim:str='paged_adamw_8bit',
+def footprint_from_config(c, bits:int=4, double_quant:bool=True, r:int=16, targets=None, optim:str=TrainSettings.optim,
                           seq_len:int=2048, batch:int=1, act_bytes:int=2, lora_bytes:int=4) -> dict:
     "Estimated training memory (bytes by kind) of a Llama-style config `c`, with no model built."
     shapes = _linear_shapes(c)
