@@ -25,9 +25,10 @@ product trains it: `add_run_lora` + `build_trainer` + `trainer.train` through `b
 lengths of the default job's data (HumanEval SFT examples, `bench.real_rows`), with the product's config defaults, a
 timing callback only.
 
-* single-8b / ddp-8b: the 8B shape on 1 GPU, then on 2 GPUs with DDP, 20 steps of the same global batch (per-device 4 x
+* single-8b / ddp-8b: the 8B shape on 1 GPU, then on 2 GPUs with DDP, 60 steps of the same global batch (per-device 4 x
   accumulation 2 on one GPU; 4 x 1 on each of two: `split_batch`). ddp_scaling_2gpu is the ratio of their real tokens/s
-  from the second step on; ddp_loss_matches_single says whether the 20 losses agree within 2% (LoRA dropout 0.05 draws
+  from the second step on (60 steps: step times vary 10-20% with the batches' lengths);
+  ddp_loss_matches_single says whether the first 20 losses agree within 2% (LoRA dropout 0.05 draws
   different masks in the two runs, so they are close, not equal). The training rows are cut to whole global batches:
   DDP fills a partial last batch by repeating examples on the other ranks, which changes that step's loss.
 * single-8b-micro: one GPU, one micro-batch of 4 per step: what each GPU of ddp-8b computes per step (diagnosis).
@@ -71,8 +72,8 @@ def shapes(tiny):
 
 
 CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accumulation as configured)
-    'single-8b': ('8b', 1, 'ddp', 20, 4, 2), 'ddp-8b': ('8b', 2, 'ddp', 20, 4, 2),
-    'single-8b-micro': ('8b', 1, 'ddp', 20, 4, 1),  # one micro-batch per step: a DDP rank's share of ddp-8b
+    'single-8b': ('8b', 1, 'ddp', 60, 4, 2), 'ddp-8b': ('8b', 2, 'ddp', 60, 4, 2),
+    'single-8b-micro': ('8b', 1, 'ddp', 60, 4, 1),  # one micro-batch per step: a DDP rank's share of ddp-8b
     'fsdp-8b': ('8b', 2, 'fsdp', 6, 4, 2),  # the single GPU's micro-batch of 4: peaks compare
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
