@@ -201,8 +201,9 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     if world_size() > 1:  # what synchronizing the adapters' gradients costs on this host, on its own
         grads = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         row |= {'trainable_params': grads, 'allreduce_ms': allreduce_ms(grads, device)}
-    if len(timer.times) > 1 and len(logged) > 1:  # from the second step on: the first one warms kernels up
-        row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (timer.times[-1] - timer.times[0])
+    if len(timer.times) > 1 and len(logged) > 1:  # from the first logged step on: the first step warms kernels up
+        first, last = (timer.times[h['step'] - 1] for h in (logged[0], logged[-1]))  # the tokens' own span of steps
+        row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (last - first)
         row['step_s'] = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
     Path(f'{out_prefix}.rank{rank}.json').write_text(json.dumps(row, indent=2, default=str))
 
