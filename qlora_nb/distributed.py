@@ -74,6 +74,8 @@ def process_args(cfg:RunConfig) -> dict:
         warnings.warn(f"train.optim={cfg.train.optim!r}: FSDP cannot shard the 8-bit optimizer's state; "
                       "using adamw_torch (the adapters' state is small, and FSDP shards it)")
         args['optim'] = 'adamw_torch'
+    # FSDP-QLoRA was measured with the unfused AdamW; the fused one has not run under FSDP here yet
+    if fsdp_enabled() and cfg.train.optim == 'adamw_torch_fused': args['optim'] = 'adamw_torch'
     return args
 
 # %% ../nbs/04b_multi_gpu.ipynb #bfe19afd
