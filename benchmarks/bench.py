@@ -143,7 +143,7 @@ def peak_allocations(snapshot, before=0, top=12):
         if e['action'] == 'alloc': live[e['addr']] = e
         else: live.pop(e['addr'], None)
     def where(e):
-        frames = [f for f in e.get('frames', []) if '/torch/' not in f['filename'] and f['filename'] != '??']
+        frames = [f for f in e.get('frames', []) if f['filename'].endswith('.py') and '/torch/' not in f['filename']]
         if not frames: return '?'
         return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}"
     by = collections.Counter()

@@ -119,7 +119,7 @@ class TrainSettings:
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed
     compile: Union[bool, str] = 'auto'  # torch.compile each decoder layer; 'auto': GPU, one process, 500+ passes (04)
-    activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass
+    activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass (04)
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 100
@@ -257,8 +257,12 @@ def validate(cfg:RunConfig) -> RunConfig:
                           f"got {cfg.train.save_steps}")
     if cfg.data.train_on_golden_set and not cfg.data.golden_set:
         raise ConfigError("data.golden_set: a pilot run trains on the golden set, so give its path")
-    if cfg.train.compile is True and cfg.train.activation_offloading:  # on an H200, Inductor's graph broke at a custom op
-        raise ConfigError("train.activation_offloading: not with train.compile (the compiled layers fail under it)")
+    # on an H200, compiled layers broke when every activation was offloaded; under checkpointing (only the layers'
+    # inputs are offloaded) they ran (04)
+    t = cfg.train
+    if t.compile is True and t.activation_offloading and t.gradient_checkpointing is not True:
+        raise ConfigError("train.activation_offloading: with train.compile=true only under "
+                          "train.gradient_checkpointing=true (compiled layers fail when every activation is offloaded)")
     check_adapter_dtype(cfg.lora.adapter_dtype, fp16=cfg.quant.compute_dtype == 'float16')  # `train` checks 'auto'
     return cfg
 

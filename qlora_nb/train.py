@@ -39,14 +39,16 @@ def planned_passes(cfg:RunConfig, n_examples:int) -> int:
     return math.ceil(t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * world_size())))
 
 # %% ../nbs/04_training.ipynb #170b3584
-def use_compile(cfg:RunConfig, passes:int) -> bool:
+def use_compile(cfg:RunConfig, passes:int, checkpointed:bool=False) -> bool:
     "Whether to compile the decoder layers of a run of `passes` forward-backward passes (`planned_passes`)."
     import importlib.util
     if cfg.train.compile != 'auto': return bool(cfg.train.compile)
     # 'auto': a CUDA GPU with Triton, a run long enough to repay the compilation, one process (not measured under
-    # DDP or FSDP), no activation offloading (Inductor's graphs broke under it)
+    # DDP or FSDP), and no offloading of every activation (Inductor's graphs broke under it; offloading under
+    # checkpointing, which moves only the layers' inputs, ran compiled)
     return (torch.cuda.is_available() and importlib.util.find_spec('triton') is not None
-            and passes >= COMPILE_MIN_PASSES and world_size() == 1 and not cfg.train.activation_offloading)
+            and passes >= COMPILE_MIN_PASSES and world_size() == 1
+            and (checkpointed or not cfg.train.activation_offloading))
 
 # %% ../nbs/04_training.ipynb #5298462c
 import dataclasses
@@ -312,7 +314,9 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
         from transformers.integrations import TensorBoardCallback
         cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    compiled = use_compile(cfg, planned_passes(cfg, len(train_ds)))
+    checkpointed = next((getattr(model, a) for a in ('is_activation_checkpointing', 'is_gradient_checkpointing')
+                         if hasattr(model, a)), False)  # transformers 5 renamed it
+    compiled = use_compile(cfg, planned_passes(cfg, len(train_ds)), checkpointed)
     trainer = SFTTrainer(model=model, args=sft_config(cfg, compiled, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
