@@ -174,6 +174,12 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     # (accelerate's even_batches), so that step's loss would differ from one GPU's by construction (04b)
     train, eff = data.splits['train'], batch * accum
     data.splits['train'] = train.select(range(len(train) - len(train) % eff))
+    if 'data.packing=true' in overrides:  # TRL packs the examples into rows: those must make whole global batches
+        from trl.data_utils import pack_dataset
+        rows = len(pack_dataset(data.splits['train'].select_columns(['input_ids', 'labels']), 512 if tiny else 2048,
+                                strategy='bfd'))
+        if rows % eff: raise SystemExit(f'{name}: the examples pack into {rows} rows, not whole global batches of {eff}: '
+                                        "one GPU and DDP would train different rows at each epoch's end (04b)")
     reset_memory(); torch.manual_seed(0)
     t0 = time.perf_counter()
     dtype = resolve_compute_dtype('auto')  # bfloat16 on the GPUs; float32 in --tiny mode (QLORA_NB_CPU_DTYPE)
