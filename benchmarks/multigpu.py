@@ -156,6 +156,19 @@ def quantize_layerwise(config, device, dtype, storage):
     return model
 
 
+def whole_batches(train, eff, max_len, packing=False, name='case'):
+    """The longest prefix of `train` that makes whole global batches of `eff` rows: examples, or the rows TRL packs
+    them into. A partial last batch is filled on the other ranks by repeating rows (accelerate's even_batches), so that
+    step would train other rows than one GPU does, by construction (04b)."""
+    if not packing: return train.select(range(len(train) - len(train) % eff))
+    from trl.data_utils import pack_dataset
+    cols = train.select_columns(['input_ids', 'labels'])
+    rows = lambda n: len(pack_dataset(cols.select(range(n)), max_len, strategy='bfd'))
+    n = next((n for n in range(len(train), 0, -1) if rows(n) % eff == 0), None)
+    if n is None: raise SystemExit(f"{name}: no prefix of the examples packs into whole global batches of {eff}")
+    return train.select(range(n))
+
+
 def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     from bench import StepTimer, peak_gib, product_config, product_trainer, real_rows, reset_memory
     from qlora_nb.core import resolve_compute_dtype
@@ -170,16 +183,8 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     # only its tokenizer is read (the lengths and prompt masks of real data): a folder without weights will do
     model_path = str(tiny_model_dir() if tiny else resolve_model(os.environ.get('QLORA_NB_BENCH_TOKENIZER', 'default')))
     tok, data = real_rows(model_path, 512 if tiny else 2048, 16 if tiny else None)
-    # whole global batches only: a partial last batch is filled on the other ranks by repeating examples
-    # (accelerate's even_batches), so that step's loss would differ from one GPU's by construction (04b)
-    train, eff = data.splits['train'], batch * accum
-    data.splits['train'] = train.select(range(len(train) - len(train) % eff))
-    if 'data.packing=true' in overrides:  # TRL packs the examples into rows: those must make whole global batches
-        from trl.data_utils import pack_dataset
-        rows = len(pack_dataset(data.splits['train'].select_columns(['input_ids', 'labels']), 512 if tiny else 2048,
-                                strategy='bfd'))
-        if rows % eff: raise SystemExit(f'{name}: the examples pack into {rows} rows, not whole global batches of {eff}: '
-                                        "one GPU and DDP would train different rows at each epoch's end (04b)")
+    data.splits['train'] = whole_batches(data.splits['train'], batch * accum, 512 if tiny else 2048,
+                                         'data.packing=true' in overrides, name)
     reset_memory(); torch.manual_seed(0)
     t0 = time.perf_counter()
     dtype = resolve_compute_dtype('auto')  # bfloat16 on the GPUs; float32 in --tiny mode (QLORA_NB_CPU_DTYPE)

@@ -128,3 +128,24 @@ def test_benchmark_summary():
     assert s['fsdp_largest_shape'] == {'shape': '32B', 'steps': 6, 'peak_gib_per_gpu': 60.0}  # 70B failed: the next rung
     rows['ddp-8b']['losses'][-1] = 2.03
     assert multigpu.summary(rows)['ddp_loss_matches_single'] is True
+
+
+def test_benchmark_pairs_train_whole_batches():
+    """multigpu.py trains its single/DDP pairs on whole global batches, of examples or, packed, of the rows TRL packs
+    them into: a partial batch is trained as is on one GPU and filled with repeated rows under DDP (04b). The tiny
+    data's 16 examples pack into 11 rows of 512 tokens, so packed pairs train a shorter prefix."""
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import multigpu
+    from bench import real_rows
+    from trl.data_utils import pack_dataset
+    from qlora_nb.weights import tiny_model_dir
+    _, data = real_rows(str(tiny_model_dir()), 512, 16)
+    train = data.splits['train']
+    packed_rows = lambda ds: len(pack_dataset(ds.select_columns(['input_ids', 'labels']), 512, strategy='bfd'))
+    assert packed_rows(train) % 8  # the case the benchmark met: 16 examples, rows not a multiple of 8
+    assert len(multigpu.whole_batches(train.select(range(13)), 8, 512)) == 8  # examples: whole batches of 8
+    kept = multigpu.whole_batches(train, 8, 512, packing=True)
+    assert 0 < len(kept) < len(train) and packed_rows(kept) % 8 == 0
+    assert packed_rows(train.select(range(len(kept) + 1))) % 8  # the longest such prefix
+    with pytest.raises(SystemExit, match='no prefix of the examples packs into whole global batches of 64'):
+        multigpu.whole_batches(train.select(range(2)), 64, 512, packing=True)
