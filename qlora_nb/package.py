@@ -7,7 +7,8 @@ __all__ = ['ADAPTER_FILES', 'PLAIN_LOAD', 'CHECK_PROMPTS', 'STACK', 'NO_LLAMA_CP
            'export_adapter', 'load_without_qlora_nb', 'base_fingerprint', 'check_base', 'merge_adapter', 'merge_check',
            'pinned_requirements', 'sha256', 'run_metadata', 'model_card', 'build_archive', 'UnsafeArchive', 'extract',
            'verify_archive', 'hub_ready', 'push_to_hub', 'LlamaCppMissing', 'llama_cpp_converter', 'to_gguf',
-           'chat_pieces', 'render_pieces', 'ollama_modelfile', 'gguf_check', 'GGUFMismatch', 'export_gguf']
+           'chat_pieces', 'render_pieces', 'ollama_modelfile', 'plain_llama', 'gguf_check', 'GGUFMismatch',
+           'export_gguf']
 
 # %% ../nbs/07_packaging.ipynb #9043ed61
 import hashlib, importlib.metadata as md, json, os, shutil, socket, subprocess, sys, tarfile, tempfile, warnings
@@ -354,14 +355,25 @@ def _llama_greedy(llm, ids:list, n:int, stops:set) -> list:
         out.append(t); llm.eval([t])
     return out
 
+# %% ../nbs/07_packaging.ipynb #11eb2c39
+def plain_llama(gguf, **kwargs):
+    "llama.cpp's `Llama` on GGUF file `gguf`, without its extra CPU buffer types (weights repacked for AMX and others)."
+    # on a CPU with AMX, decoding with them crashed the process (SIGSEGV) midway through this notebook's checks
+    import llama_cpp.llama_cpp as C
+    from llama_cpp import Llama
+    defaults = C.llama_model_default_params
+    def params(): p = defaults(); p.use_extra_bufts = False; return p
+    C.llama_model_default_params = params
+    try: return Llama(str(gguf), **kwargs)
+    finally: C.llama_model_default_params = defaults
+
 # %% ../nbs/07_packaging.ipynb #99447894
 @torch.no_grad()
 def gguf_check(gguf, model_dir, prompts=GGUF_PROMPTS, max_new_tokens:int=32, decisive:float=1.0) -> dict:
     "Greedy replies of GGUF file `gguf` in llama.cpp vs the Hugging Face `model_dir` (float32), on the same token ids."
-    from llama_cpp import Llama
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    llm = Llama(str(gguf), n_ctx=512, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    llm = plain_llama(gguf, n_ctx=512, logits_all=True, verbose=False, n_threads=os.cpu_count())
     eos = hf.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     rows = []
