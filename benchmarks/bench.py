@@ -365,39 +365,57 @@ def dtype_case(dtype, model_path, max_len, max_examples, work, adapters='auto'):
 
 
 class Profiled(TrainerCallback):
-    "Profiles optimizer steps `first` to `first + steps - 1` of a trainer (it measures, it does not train)."
-    def __init__(self, first=3, steps=5): self.first, self.steps = first, steps
+    """Profiles optimizer steps `first` to `first + steps - 1` of a trainer (it measures, it does not train). `cpu`
+    also traces the host's operators: that tracing slows a launch-bound step about 3x (the GPU's kernels do not
+    slow), so the busy fraction is read from a window that traces the GPU alone."""
+    def __init__(self, first=3, steps=5, cpu=True): self.first, self.steps, self.cpu = first, steps, cpu
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == self.first:
             from torch.profiler import ProfilerActivity, profile
-            sync(); self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]); self.prof.__enter__()
+            acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if self.cpu else [ProfilerActivity.CUDA]
+            if not torch.cuda.is_available(): acts = [ProfilerActivity.CPU]  # a CPU check of the code: no kernels
+            sync(); self.prof = profile(activities=acts); self.prof.__enter__()
             self.t = time.perf_counter()
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.first + self.steps:
             sync(); self.wall = time.perf_counter() - self.t; self.prof.__exit__(None, None, None)
 
     def report(self):
-        "GPU busy fraction (kernel time / wall) and the top kernels, per step."
+        "GPU busy fraction (kernel time / wall) and the top kernels, per step (and the host's top operators)."
         # CUDA events, less the profiler's own ranges ('Optimizer.step#AdamW.step' spans kernels counted already)
         kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and '#' not in e.name]
         busy, by_name = sum(e.device_time for e in kernels) / 1e6, {}
         for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        res = {'step_wall_s': self.wall / self.steps, 'gpu_busy_fraction': busy / self.wall,
+               'gpu_busy_s_per_step': busy / self.steps, 'kernels_per_step': len(kernels) / self.steps,
+               'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top]}
+        if not self.cpu: return res
         # where the host's time goes while the GPU idles: operators by their own CPU time
         ops = sorted(self.prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
-        return {'step_wall_s': self.wall / self.steps, 'gpu_busy_fraction': busy / self.wall,
-                'kernels_per_step': len(kernels) / self.steps,
-                'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top],
-                'top_cpu_ops': [{'name': e.key[:100], 'calls_per_step': e.count / self.steps,
-                                 'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
+        return res | {'top_cpu_ops': [{'name': e.key[:100], 'calls_per_step': e.count / self.steps,
+                                       'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
-def profile_case(model_path, max_len, work, steps=5):
-    "How busy the GPU is in the product's training step: the default model on real data, through `train()`."
+def profile_case(model_path, max_len, work, steps=5, extra=()):
+    """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
+    default job's batch and accumulation (`extra`: other settings). Steps 3-7 trace the GPU alone (the busy fraction),
+    steps 8-10 the host too (where its time goes)."""
+    from qlora_nb.core import TrainSettings
     from qlora_nb.train import train
-    cb = Profiled(3, steps)
-    train(product_config(work, 'profile', max_len, 4, steps=3 + steps, model=model_path), callbacks=[cb], live=False)
-    return cb.report()
+    gpu, host, timer = Profiled(3, steps, cpu=False), Profiled(3 + steps, 3), StepTimer()
+    cfg = product_config(work, 'profile', max_len, TrainSettings.per_device_train_batch_size,
+                         TrainSettings.gradient_accumulation_steps, model=model_path,
+                         extra=['train.num_train_epochs=3', *extra])
+    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(6 + steps)], live=False)
+    t = timer.times  # the unprofiled steps 2-3 (step 1 warms up)
+    plain = [b - a for i, (a, b) in enumerate(zip(t, t[1:]), 1) if i < 3 or i > 6 + steps]
+    report = gpu.report()
+    args = res.trainer.args
+    return {**report, 'with_host_trace': host.report(), 'unprofiled_step_wall_s': plain,
+            'batch': args.per_device_train_batch_size, 'accumulation': args.gradient_accumulation_steps,
+            'compiled': res.trainer.compiled_layers, 'liger': args.use_liger_kernel, 'overrides': list(extra),
+            'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
 
 
 def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
@@ -477,6 +495,8 @@ def main(argv=None):
     ap.add_argument('--recipes', nargs='+', help='run only these recipes (seed, qlora_nb, unsloth, ...) of each case')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
+    ap.add_argument('--profile-variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
+                    help='also profile the default model with these product settings (e.g. fold=train.compile=true)')
     ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
     ap.add_argument('--work', default=None, help='scratch folder for the product runs (default: a temporary one)')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
@@ -527,6 +547,10 @@ def main(argv=None):
         cases['t4 mode']['bfloat16 bf16 adapters'] = lambda r: dtype_case('bfloat16', model_path, max_len, max_examples,
                                                                             work, adapters='bfloat16')
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
+        for v in args.profile_variant:
+            vname, overrides = v.split('=', 1)
+            cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')):
+                                         profile_case(model_path, max_len, work, extra=o)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}
     for name, recipes in cases.items():
