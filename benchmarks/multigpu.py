@@ -315,6 +315,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--tiny', action='store_true', help='a tiny model on 2 CPU processes (checks the code, not the speed)')
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
+    ap.add_argument('--skip', nargs='+', default=[], help='skip the cases whose names contain one of these words')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/multigpu-<date>.json)')
     ap.add_argument('--work', help='scratch folder (default: a temporary one)')
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -340,6 +341,7 @@ def main(argv=None):
     suffix = ''.join(f'+{o}' for o in args.set) + ('+profile' if args.profile else '')
     for name in (*CASES, *CLI_CASES):
         if args.only and not any(w in name for w in args.only): continue
+        if any(w in name for w in args.skip): continue
         if suffix and name in CLI_CASES: continue
         if name + suffix in rows: continue
         if args.tiny and 'fsdp' in name:

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'QUICK', 'planned_passes', 'use_compile', 'use_liger', 'sft_config',
-           'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'add_run_lora',
-           'NoCudnnAttention', 'compile_layers', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
-           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult',
-           'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'fold_accumulation',
+           'add_run_lora', 'NoCudnnAttention', 'compile_layers', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback',
+           'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint',
+           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -129,6 +129,18 @@ def use_checkpointing(cfg:RunConfig, model_config) -> bool:
     tokens = cfg.data.max_seq_length * cfg.train.per_device_train_batch_size
     full = model_config.num_hidden_layers * layer_activation_bytes(model_config, tokens)
     return sum(fp.values()) - fp['activations (checkpointed)'] + full > 0.8 * memory_budget(cfg)
+
+# %% ../nbs/04_training.ipynb #7d7b1b2a
+def fold_accumulation(cfg:RunConfig, model_config) -> RunConfig:
+    "`cfg` with each step's micro-batches as one pass (the same effective batch), as `train.fold_accumulation` says."
+    t = cfg.train
+    if t.gradient_accumulation_steps == 1 or t.fold_accumulation is False: return cfg
+    b = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    folded = replace(cfg, train=replace(t, per_device_train_batch_size=b, gradient_accumulation_steps=1))
+    if t.fold_accumulation == 'auto':  # launch-bound GPUs gain; the folded pass must fit without checkpointing
+        unchecked = replace(folded, train=replace(folded.train, gradient_checkpointing='auto'))
+        if not torch.cuda.is_available() or use_checkpointing(unchecked, model_config): return cfg
+    return folded
 
 # %% ../nbs/04_training.ipynb #3217f38e
 def add_run_lora(cfg:RunConfig, model):
@@ -306,6 +318,7 @@ def set_adapter_dtype(model, dtype:torch.dtype|None):
 # %% ../nbs/04_training.ipynb #dfd7112c
 def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), live:bool=True):
     "The SFTTrainer of a run, with its history, live plot (`live`) and early stopping."
+    cfg = fold_accumulation(cfg, model.config)
     train_ds, eval_ds = trainer_datasets(data, cfg.data.packing)
     cbs = [HistoryCallback(cfg.run_dir), NoCudnnAttention(), *([LivePlotCallback()] if live else []), *callbacks]
     # our own writer, so the logs land in run_dir/logs on every transformers version
@@ -377,7 +390,8 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
             raise OutOfMemory(_oom_advice(cfg, step)) from None
         t = cfg.train
         smaller = replace(cfg, train=replace(t, per_device_train_batch_size=t.per_device_train_batch_size // 2,
-                                             gradient_accumulation_steps=t.gradient_accumulation_steps * 2))
+                                             gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
+                                             fold_accumulation=False))  # not folded back into the pass that failed
         print(f"out of memory at step {step}: retrying with batch {smaller.train.per_device_train_batch_size} "
               f"x accumulation {smaller.train.gradient_accumulation_steps}")
         return train(smaller, resume=resume_from, auto_batch=auto_batch, callbacks=callbacks, data=data, live=live)
