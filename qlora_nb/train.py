@@ -130,7 +130,7 @@ def use_checkpointing(cfg:RunConfig, model_config) -> bool:
     full = model_config.num_hidden_layers * layer_activation_bytes(model_config, tokens)
     return sum(fp.values()) - fp['activations (checkpointed)'] + full > 0.8 * memory_budget(cfg)
 
-# %% ../nbs/04_training.ipynb #7d7b1b2a
+# %% ../nbs/04_training.ipynb #5c4ae2bb
 def fold_accumulation(cfg:RunConfig, model_config) -> RunConfig:
     "`cfg` with each step's micro-batches as one pass (the same effective batch), as `train.fold_accumulation` says."
     t = cfg.train
