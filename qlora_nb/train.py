@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'QUICK', 'planned_passes', 'use_compile', 'use_liger', 'sft_config',
            'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'fold_accumulation',
-           'add_run_lora', 'NoCudnnAttention', 'compile_layers', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback',
-           'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint',
-           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'add_run_lora', 'is_liger', 'model_module', 'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention',
+           'compile_layers', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
+           'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult',
+           'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -146,6 +147,31 @@ def fold_accumulation(cfg:RunConfig, model_config) -> RunConfig:
 def add_run_lora(cfg:RunConfig, model):
     "`model` with the run's adapters, its activations checkpointed as `use_checkpointing` decides."
     return add_lora(model, cfg.lora, use_checkpointing(cfg, model.config))
+
+# %% ../nbs/04_training.ipynb #d327fcdf
+def is_liger(obj) -> bool: return (getattr(obj, '__module__', None) or '').startswith('liger_kernel')
+
+def model_module(model):
+    "The transformers module that defines `model`'s architecture, where Liger swaps classes and functions."
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    return sys.modules[type(base).__module__]
+
+# %% ../nbs/04_training.ipynb #5521ff31
+_TRANSFORMERS_OWN = {}  # module name -> {attribute: object} as transformers defined it, before Liger swapped it
+
+def unpatch_liger(module, classes_only:bool=False):
+    "Give `module` back transformers' own classes (`classes_only`), or classes and functions, where Liger swapped them."
+    own = _TRANSFORMERS_OWN.setdefault(module.__name__, {})
+    for name, obj in vars(module).items():
+        if not is_liger(obj): own.setdefault(name, obj)
+    for name, obj in own.items():
+        if is_liger(getattr(module, name, None)) and (isinstance(obj, type) or not classes_only):
+            setattr(module, name, obj)
+
+class LigerForThisRun(TrainerCallback):
+    "At the end of a run with Liger, its model's transformers module gets transformers' functions back."
+    def __init__(self, module): self.module = module
+    def on_train_end(self, args, state, control, **kw): unpatch_liger(self.module)
 
 # %% ../nbs/04_training.ipynb #d70f1c52
 class NoCudnnAttention(TrainerCallback):
@@ -330,8 +356,11 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     checkpointed = next((getattr(model, a) for a in ('is_activation_checkpointing', 'is_gradient_checkpointing')
                          if hasattr(model, a)), False)  # transformers 5 renamed it
     compiled = use_compile(cfg, planned_passes(cfg, len(train_ds)), checkpointed)
+    module = model_module(model); unpatch_liger(module)  # a run without Liger means it, whatever ran before
     trainer = SFTTrainer(model=model, args=sft_config(cfg, compiled, **process_args(cfg)), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=cbs)
+    if trainer.args.use_liger_kernel:  # the trainer patched `model` in place, and `module` for every model
+        unpatch_liger(module, classes_only=True); trainer.add_callback(LigerForThisRun(module))
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
     trainer.compiled_layers = compiled
     if compiled:  # batches of different lengths share one shape-generic graph instead of compiling again
