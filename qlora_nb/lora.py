@@ -20,9 +20,9 @@ def lora_config(l:LoraSettings) -> LoraConfig:
                       bias=l.bias, use_rslora=l.use_rslora, use_dora=l.use_dora, task_type='CAUSAL_LM')
 
 # %% ../nbs/03_lora.ipynb #375a72c6
-def enable_checkpointing(model):
-    "Gradient (activation) checkpointing with use_reentrant=False, by the API of the installed transformers."
-    kw = {'use_reentrant': False}
+def enable_checkpointing(model, **kwargs):
+    "Gradient (activation) checkpointing with use_reentrant=False (and `kwargs` for torch's `checkpoint`)."
+    kw = {'use_reentrant': False, **kwargs}
     if hasattr(model, 'activation_checkpointing_enable'):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before the rename

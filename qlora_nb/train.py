@@ -6,9 +6,10 @@
 __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'QUICK', 'planned_passes', 'use_compile', 'use_liger', 'sft_config',
            'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'fold_accumulation',
            'add_run_lora', 'is_liger', 'model_module', 'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention',
-           'compile_layers', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
-           'plot_history', 'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult',
-           'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'compile_layers', 'recompute_everything', 'checkpoints_inside_compile', 'keep_only_layer_inputs',
+           'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook', 'plot_history',
+           'LivePlotCallback', 'environment', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
+           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -23,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from .core import Run, RunConfig, check_adapter_dtype, resolve_compute_dtype, check_gpu_count, check_gpu_fit
 from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
-from .lora import add_lora
+from .lora import add_lora, enable_checkpointing
 from .distributed import (batch_line, effective_batch, fsdp_enabled, is_main_process, process_args,
                                   save_adapter, start_processes, world_size)
 from .weights import resolve_model
@@ -196,6 +197,23 @@ def compile_layers(model, backend:str='inductor', dynamic:bool|None=None):
     for layer in layers: layer.compile(backend=backend, dynamic=dynamic)
     return model
 
+# %% ../nbs/04_training.ipynb #78ef240a
+def recompute_everything(ctx, op, *args, **kwargs):
+    "Selective checkpointing's policy that is plain checkpointing: every operation of the layer is recomputed."
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+def checkpoints_inside_compile() -> bool:
+    "Whether the installed transformers checkpoints a layer's `forward` (inside its compiled graph), not its call."
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return '__call__' not in vars(GradientCheckpointingLayer)
+
+def keep_only_layer_inputs(model):
+    "Checkpoint `model`'s layers so that their compiled graphs keep the layers' inputs alone."
+    from functools import partial
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    enable_checkpointing(model, context_fn=partial(create_selective_checkpoint_contexts, recompute_everything))
+
 # %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
@@ -363,6 +381,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
         unpatch_liger(module, classes_only=True); trainer.add_callback(LigerForThisRun(module))
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
     trainer.compiled_layers = compiled
+    if compiled and checkpointed and checkpoints_inside_compile(): keep_only_layer_inputs(trainer.model)
     if compiled:  # batches of different lengths share one shape-generic graph instead of compiling again
         lengths_vary = cfg.data.packing or len(set(map(len, train_ds['input_ids']))) > 1
         compile_layers(trainer.model, dynamic=True if lengths_vary else None)
