@@ -5,7 +5,7 @@ compiled layer as a CUDA graph (what `torch.compile(mode='reduce-overhead')` doe
 to a multiple of N tokens (TRL's `pad_to_multiple_of`), so real lengths make fewer shapes to capture; `MARK_STEP=1`
 tells the graph trees where each optimizer step begins; `FUNC_RNG=1` lets the partitioner recompute dropout;
 `RECOMPUTE_ALL=1` checkpoints with a selective-checkpointing policy that recomputes every operation.
-The rest of the command line is `bench.py`'s. Results: `benchmarks/results/h200-2026-11-23-cudagraphs-probe.json`."""
+The rest of the command line is `bench.py`'s, or, after `cli`, `qlora_nb`'s (`cli train --set ...`). Results: `benchmarks/results/h200-2026-11-23-cudagraphs-probe.json`."""
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qlora_nb.train as T
@@ -38,4 +38,8 @@ if os.environ.get('RECOMPUTE_ALL'):
     L.enable_checkpointing = enable_checkpointing
 
 import bench
-if __name__ == '__main__': bench.main(sys.argv[1:])
+if __name__ == '__main__':
+    if sys.argv[1:2] == ['cli']:
+        from qlora_nb.cli import main
+        sys.exit(main(sys.argv[2:]))
+    bench.main(sys.argv[1:])
