@@ -42,3 +42,17 @@ def test_peak_allocations_reads_what_is_alive_at_the_peak():
     got = peak_allocations({'device_traces': [trace]}, before=2**30)
     assert got['peak_gib'] == 3.0 and got['before_gib'] == 1.0  # 1 GiB before + 0.5 + 1.5 alive at once
     assert got['at_peak'] == [{'where': 'trl/utils.py:5 forward', 'gib': 1.5}, {'where': 'peft/lora.py:10 forward', 'gib': 0.5}]
+
+
+def test_cudagraphs_probe_runs_the_product_path(tmp_path):
+    "The CUDA-graphs probe (its CPU-safe switches: padding, the recompute policy) still drives the product's own path."
+    import os
+    out = tmp_path/'probe.json'
+    env = {**os.environ, 'PAD_MULTIPLE': '64', 'RECOMPUTE_ALL': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'cudagraphs_probe.py'), '--tiny', '--only', '2048x1 ckpt',
+                        '--recipes', 'qlora_nb', '--variant', 'ckpt=train.gradient_checkpointing=true',
+                        '--out', str(out), '--work', str(tmp_path/'w')], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())['results']['llama3-8b-shape 2048x1 ckpt']['qlora_nb']
+    assert row['checkpointing'] is True and row['tokens_per_s'] > 0
+    assert (tmp_path/'w'/'qlora_nb-128x1-0.05-train.gradient_checkpointing=true'/'training_history.json').exists()
