@@ -26,16 +26,13 @@ if os.environ.get('MARK_STEP'):
 if os.environ.get('FUNC_RNG'):
     import torch._functorch.config as functorch_config
     functorch_config.functionalize_rng_ops = True
-if os.environ.get('RECOMPUTE_ALL'):
+if os.environ.get('RECOMPUTE_ALL'):  # the product's policy (`build_trainer` uses it on compiled layers), on every run
     import functools
     import qlora_nb.lora as L
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-    def recompute_all(ctx, op, *args, **kwargs): return CheckpointPolicy.MUST_RECOMPUTE
-    def enable_checkpointing(model):
-        kw = {'use_reentrant': False, 'context_fn': functools.partial(create_selective_checkpoint_contexts, recompute_all)}
-        if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    L.enable_checkpointing = enable_checkpointing
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    _enable = L.enable_checkpointing
+    policy = functools.partial(create_selective_checkpoint_contexts, T.recompute_everything)
+    L.enable_checkpointing = lambda model: _enable(model, context_fn=policy)
 
 import bench
 if __name__ == '__main__':
