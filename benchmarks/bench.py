@@ -203,7 +203,7 @@ def product_trainer(cfg, model, tok, data, callbacks=()):
     timer = StepTimer(); torch._dynamo.utils.counters.clear()  # counts the graphs this case compiles
     trainer = build_trainer(cfg, data, model, tok, [timer, *callbacks], live=False)
     return trainer, timer, {'optim': trainer.args.optim, 'checkpointing': ckpt, 'liger': trainer.args.use_liger_kernel,
-                            'compile': trainer.compiled_layers,
+                            'compile': trainer.compiled_layers, 'cuda_graphs': trainer.graphed is not None,
                             'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
 
 
@@ -303,6 +303,7 @@ def product_epoch(cfg, model, tok, data):
     "The product's epoch; wall time and real tokens from the second step on, as `seed_epoch`."
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
     trainer.train(); notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
+    if trainer.graphed: notes['cuda_graphs'] = {'captures': trainer.graphed.captures, 'replays': trainer.graphed.replays}
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     real = logged[-1]['num_tokens'] - logged[0]['num_tokens']  # TRL counts the tokens under the attention mask
     return trainer.model, timer.times[-1] - timer.times[0], real, [h['loss'] for h in logged], notes
@@ -397,21 +398,23 @@ class Profiled(TrainerCallback):
                                        'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
-def profile_case(model_path, max_len, work, steps=5, extra=()):
+def profile_case(model_path, max_len, work, steps=5, extra=(), first=3):
     """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
-    default job's batch and accumulation (`extra`: other settings). Steps 3-7 trace the GPU alone (the busy fraction),
-    steps 8-10 the host too (where its time goes)."""
+    default job's batch and accumulation (`extra`: other settings). Steps `first` to `first` + 4 trace the GPU alone
+    (the busy fraction), the next 3 the host too (where its time goes)."""
     from qlora_nb.core import TrainSettings
     from qlora_nb.train import train
-    gpu, host, timer = Profiled(3, steps, cpu=False), Profiled(3 + steps, 3), StepTimer()
+    gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(first + steps, 3), StepTimer()
     cfg = product_config(work, 'profile', max_len, TrainSettings.per_device_train_batch_size,
                          TrainSettings.gradient_accumulation_steps, model=model_path,
                          extra=['train.num_train_epochs=3', *extra])
-    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(6 + steps)], live=False)
-    t, args = timer.times, res.trainer.args  # the untraced steps are 2-3 (step 1 warms up)
+    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + 3 + steps)], live=False)
+    t, args, g = timer.times, res.trainer.args, res.trainer.graphed  # the untraced steps are 2-3 (step 1 warms up)
     return {**gpu.report(), 'with_host_trace': host.report(), 'unprofiled_step_wall_s': [t[1] - t[0], t[2] - t[1]],
+            'step_s': [b - a for a, b in zip([timer.start, *t], t)], 'first_profiled_step': first,
             'batch': args.per_device_train_batch_size, 'accumulation': args.gradient_accumulation_steps,
             'compiled': res.trainer.compiled_layers, 'liger': args.use_liger_kernel, 'overrides': list(extra),
+            'cuda_graphs': g and {'captures': g.captures, 'replays': g.replays, 'eager_calls': g.eager_calls},
             'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
 
 
@@ -544,10 +547,11 @@ def main(argv=None):
         cases['t4 mode']['bfloat16 bf16 adapters'] = lambda r: dtype_case('bfloat16', model_path, max_len, max_examples,
                                                                             work, adapters='bfloat16')
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
-        for v in args.profile_variant:
+        for v in args.profile_variant:  # NAME[@FIRST]=...: FIRST, the first profiled step (after the captures)
             vname, overrides = v.split('=', 1)
-            cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')):
-                                         profile_case(model_path, max_len, work, extra=o)}
+            first = int(vname.split('@')[1]) if '@' in vname else 3
+            cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')), f=first:
+                                         profile_case(model_path, max_len, work, extra=o, first=f)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}
     for name, recipes in cases.items():

@@ -119,6 +119,7 @@ class TrainSettings:
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed
     compile: Union[bool, str] = 'auto'  # torch.compile each decoder layer; 'auto': GPU, one process, 500+ passes (04)
+    cuda_graphs: Union[bool, str] = False  # replay the decoder's passes as CUDA graphs; 'auto': where allowed (04)
     fold_accumulation: Union[bool, str] = 'auto'  # accumulated micro-batches as one pass; 'auto': GPU, when it fits (04)
     activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass (04)
     seed: int = 42
@@ -213,6 +214,7 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'model.size': (None, '7b', '13b', '70b'),
             'train.gradient_checkpointing': (True, False, 'auto'), 'train.liger': (True, False, 'auto'),
             'train.compile': (True, False, 'auto'), 'train.activation_offloading': (True, False),
+            'train.cuda_graphs': (True, False, 'auto'),
             'train.fold_accumulation': (True, False, 'auto'),
             'train.distributed': ('ddp', 'fsdp')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
