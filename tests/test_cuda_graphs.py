@@ -9,16 +9,16 @@ import pytest, torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU')
 
 
-def tiny_run(graphs, dropout=0.0, steps=6, **train):
+def tiny_run(graphs, dropout=0.0, steps=6, dtype='bfloat16', **train):
     from qlora_nb.core import DataSettings, LoraSettings, ModelSettings, OutputSettings, QuantSettings, RunConfig, TrainSettings
     from qlora_nb.data import prepare_data
     from qlora_nb.model import load_model
     from qlora_nb.train import add_run_lora, build_trainer
     from qlora_nb.weights import tiny_model_dir
-    cfg = RunConfig(model=ModelSettings(name=str(tiny_model_dir())), quant=QuantSettings(compute_dtype='bfloat16'),
+    cfg = RunConfig(model=ModelSettings(name=str(tiny_model_dir())), quant=QuantSettings(compute_dtype=dtype),
                     lora=LoraSettings(lora_dropout=dropout), data=DataSettings(max_seq_length=512),
                     train=TrainSettings(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                        learning_rate=1e-3, logging_steps=1, eval_steps=3, save_steps=1000,
+                                        learning_rate=1e-3, logging_steps=1, eval_steps=3, save_steps=3,
                                         cuda_graphs=graphs, compile=False, liger=False, **train),
                     output=OutputSettings(output_dir=tempfile.mkdtemp(), run_name='graphs', report_to=[]))
     torch.manual_seed(0)
@@ -44,6 +44,19 @@ def test_graphs_train_what_the_plain_step_trains():
     for a, b in zip(losses, plain_losses): assert abs(a - b) <= 2e-2 * abs(b), (losses, plain_losses)
     for a, b in zip(evals, plain_evals): assert abs(a - b) <= 2e-2 * abs(b), (evals, plain_evals)
     for n in w: assert torch.allclose(w[n], plain_w[n], atol=5e-3, rtol=5e-2), n
+
+
+def test_graphs_in_t4_mode():
+    "float16 with its gradient scaler (a Colab T4's case): the scaler's checks run outside the graphs"
+    _, _, plain_losses, _, _ = tiny_run(False, dtype='float16')
+    tr, _, losses, _, _ = tiny_run(True, dtype='float16')
+    assert tr.args.fp16 and tr.graphed.replays == 6 and all(math.isfinite(l) for l in losses)
+    for a, b in zip(losses, plain_losses): assert abs(a - b) <= 2e-2 * abs(b), (losses, plain_losses)
+
+
+def test_graphs_by_default_where_they_pay():
+    tr, _, _, _, _ = tiny_run('auto', steps=40)
+    assert tr.graphed is not None and tr.graphed.replays == 40
 
 
 def test_graphs_with_dropout_draw_new_masks_each_replay():
