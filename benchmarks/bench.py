@@ -398,10 +398,11 @@ class Profiled(TrainerCallback):
                                        'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
-def profile_case(model_path, max_len, work, steps=5, extra=(), first=3):
+def profile_case(model_path, max_len, work, steps=5, extra=(), first=20):
     """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
     default job's batch and accumulation (`extra`: other settings). Steps `first` to `first` + 4 trace the GPU alone
-    (the busy fraction), the next 3 the host too (where its time goes)."""
+    (the busy fraction), the next 3 the host too (where its time goes). The default starts in the job's third epoch,
+    after CUDA graphs captured every batch shape (until 2026-11-23: step 3, during the captures)."""
     from qlora_nb.core import TrainSettings
     from qlora_nb.train import train
     gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(first + steps, 3), StepTimer()
@@ -549,7 +550,7 @@ def main(argv=None):
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
         for v in args.profile_variant:  # NAME[@FIRST]=...: FIRST, the first profiled step (after the captures)
             vname, overrides = v.split('=', 1)
-            first = int(vname.split('@')[1]) if '@' in vname else 3
+            first = int(vname.split('@')[1]) if '@' in vname else 20
             cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')), f=first:
                                          profile_case(model_path, max_len, work, extra=o, first=f)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
