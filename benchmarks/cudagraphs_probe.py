@@ -13,7 +13,7 @@ import qlora_nb.train as T
 pad = int(os.environ.get('PAD_MULTIPLE', '0'))
 if pad:
     _sft = T.sft_config
-    T.sft_config = lambda cfg, compiled=False, **kw: _sft(cfg, compiled, pad_to_multiple_of=pad, **kw)
+    T.sft_config = lambda cfg, compiled=False, **kw: _sft(cfg, compiled, **{'pad_to_multiple_of': pad, **kw})
 if os.environ.get('MARK_STEP'):
     import torch
     from transformers import TrainerCallback

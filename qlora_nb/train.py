@@ -480,9 +480,11 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
         unpatch_liger(module, classes_only=True); trainer.add_callback(LigerForThisRun(module))
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))
     trainer.compiled_layers = compiled
-    decoder = trainer.model.get_base_model().base_model
-    trainer.graphed = GraphedDecoder(decoder, strict=cfg.train.cuda_graphs is True) if graphed else None
-    if graphed: trainer.add_callback(GraphsForThisRun(trainer.graphed))
+    trainer.graphed = None
+    if graphed:  # TRL's fused LM head calls the backbone: that is what the graphs replay
+        backbone = trainer.model.get_base_model().base_model
+        trainer.graphed = GraphedDecoder(backbone, strict=cfg.train.cuda_graphs is True)
+        trainer.add_callback(GraphsForThisRun(trainer.graphed))
     if compiled and checkpointed and checkpoints_inside_compile(): keep_only_layer_inputs(trainer.model)
     if compiled:  # batches of different lengths share one shape-generic graph instead of compiling again
         lengths_vary = cfg.data.packing or len(set(map(len, train_ds['input_ids']))) > 1
