@@ -398,21 +398,29 @@ class Profiled(TrainerCallback):
                                        'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
-def profile_case(model_path, max_len, work, steps=5, extra=(), first=20):
+def profile_case(model_path, max_len, work, steps=10, extra=(), first=20):
     """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
-    default job's batch and accumulation (`extra`: other settings). Steps `first` to `first` + 4 trace the GPU alone
-    (the busy fraction), the next 3 the host too (where its time goes). The default starts in the job's third epoch,
-    after CUDA graphs captured every batch shape (until 2026-11-23: step 3, during the captures)."""
+    default job's batch, accumulation and logging (`extra`: other settings; until 2026-11-23 it logged every step).
+    Steps `first` + 1 to `first` + `steps` trace the GPU alone (the busy fraction), the next 3 the host too (where its
+    time goes). The default traces the default job's third epoch (10 steps), after CUDA graphs captured every batch
+    shape (until 2026-11-23 steps 4-8, during the captures; then steps 21-25). Tracing slows the host, so the report
+    adds the traced GPU work over the wall time of the `steps` untraced steps before the window (the second epoch:
+    the same examples, batched again)."""
     from qlora_nb.core import TrainSettings
     from qlora_nb.train import train
     gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(first + steps, 3), StepTimer()
     cfg = product_config(work, 'profile', max_len, TrainSettings.per_device_train_batch_size,
                          TrainSettings.gradient_accumulation_steps, model=model_path,
-                         extra=['train.num_train_epochs=3', *extra])
-    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + 3 + steps)], live=False)
-    t, args, g = timer.times, res.trainer.args, res.trainer.graphed  # the untraced steps are 2-3 (step 1 warms up)
-    return {**gpu.report(), 'with_host_trace': host.report(), 'unprofiled_step_wall_s': [t[1] - t[0], t[2] - t[1]],
-            'step_s': [b - a for a, b in zip([timer.start, *t], t)], 'first_profiled_step': first,
+                         extra=['train.num_train_epochs=4', f'train.logging_steps={TrainSettings.logging_steps}',
+                                *extra])
+    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + steps + 3)], live=False)
+    args, g = res.trainer.args, res.trainer.graphed
+    step_s = [b - a for a, b in zip([timer.start, *timer.times], timer.times)]
+    untraced = step_s[max(1, first - steps):first]  # step 1 warms up
+    traced = gpu.report()
+    return {**traced, 'gpu_busy_fraction_untraced': traced['gpu_busy_s_per_step'] / (sum(untraced) / len(untraced)),
+            'with_host_trace': host.report(), 'unprofiled_step_wall_s': untraced,
+            'step_s': step_s, 'first_profiled_step': first + 1,
             'batch': args.per_device_train_batch_size, 'accumulation': args.gradient_accumulation_steps,
             'compiled': res.trainer.compiled_layers, 'liger': args.use_liger_kernel, 'overrides': list(extra),
             'cuda_graphs': g and {'captures': g.captures, 'replays': g.replays, 'eager_calls': g.eager_calls},
@@ -542,13 +550,16 @@ def main(argv=None):
     if args.unsloth_site and torch.cuda.is_available():
         for d, case in ((0.05, 'llama3-8b-shape 2048x1'), (0.0, 'llama3-8b-shape 2048x1 dropout 0')):
             cases[case]['unsloth'] = lambda r, d=d: unsloth_case(args.unsloth_site, seq8, 1, steps, warmup, d, work)
+    # the profile runs in the tiny mode too (a CPU traces no kernels), so that its code is checked where CI runs
+    profile_window = dict(first=2, steps=2) if args.tiny else {}
+    if torch.cuda.is_available() or args.tiny:
+        cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work, **profile_window)}
     if torch.cuda.is_available():
         cases['t4 mode'] = {d: (lambda d: dtype_case(d, model_path, max_len, max_examples, work)) for d in ('bfloat16', 'float16')}
         # TRL's QLoRA cast of the adapters to bf16, the product's default before `lora.adapter_dtype`
         cases['t4 mode']['bfloat16 bf16 adapters'] = lambda r: dtype_case('bfloat16', model_path, max_len, max_examples,
                                                                             work, adapters='bfloat16')
-        cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work)}
-        for v in args.profile_variant:  # NAME[@FIRST]=...: FIRST, the first profiled step (after the captures)
+        for v in args.profile_variant:  # NAME[@FIRST]=...: tracing starts after step FIRST (after the captures)
             vname, overrides = v.split('=', 1)
             first = int(vname.split('@')[1]) if '@' in vname else 20
             cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')), f=first:

@@ -25,6 +25,9 @@ def test_bench_tiny_mode(tmp_path):
     product = res['results']['llama3-8b-shape 2048x1']['qlora_nb']
     assert {'checkpointing', 'liger', 'group_by_length'} <= set(product)  # the product's own choices, recorded
     assert (tmp_path/'w'/'qlora_nb-128x1-0.05'/'training_history.json').exists()  # the product's trainer ran
+    prof = res['results']['profile']['qlora_nb']  # the GPU profile's code, run on the CPU: no kernels, the steps timed
+    assert len(prof['step_s']) == 2 + 2 + 3 and prof['first_profiled_step'] == 3, prof
+    assert prof['unprofiled_step_wall_s'] == prof['step_s'][1:2] and prof['gpu_busy_fraction_untraced'] == 0.0
 
 
 def test_peak_allocations_reads_what_is_alive_at_the_peak():
