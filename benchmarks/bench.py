@@ -196,15 +196,19 @@ class StopAfter(TrainerCallback):
 
 
 def product_trainer(cfg, model, tok, data, callbacks=()):
-    "The product's own path: `add_run_lora` + `build_trainer` (what `train()` runs), a step timer, and its choices."
-    from qlora_nb.train import add_run_lora, build_trainer, use_checkpointing
-    ckpt = use_checkpointing(cfg, model.config)
+    """The product's own path: `add_run_lora` + `build_trainer` (what `train()` runs), a step timer, and the case's
+    notes; after training, `chosen(trainer)` adds what the product chose and how its graphs ran."""
+    from qlora_nb.train import add_run_lora, build_trainer
     model = add_run_lora(cfg, model)
     timer = StepTimer(); torch._dynamo.utils.counters.clear()  # counts the graphs this case compiles
     trainer = build_trainer(cfg, data, model, tok, [timer, *callbacks], live=False)
-    return trainer, timer, {'optim': trainer.args.optim, 'checkpointing': ckpt, 'liger': trainer.args.use_liger_kernel,
-                            'compile': trainer.compiled_layers, 'cuda_graphs': trainer.graphed is not None,
-                            'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+    return trainer, timer, {'group_by_length': cfg.data.group_by_length, 'dropout': cfg.lora.lora_dropout}
+
+
+def chosen(trainer):
+    "What the product chose for a trained case, as its run summary records it, and the graphs Dynamo compiled."
+    from qlora_nb.train import speed_choices
+    return {**speed_choices(trainer), 'compiled_graphs': torch._dynamo.utils.counters['stats']['unique_graphs']}
 
 
 def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflops, tok, work, dropout=0.05, extra=()):
@@ -233,7 +237,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
             notes['memory_at_peak'] = peak_allocations(torch.cuda.memory._snapshot(), before)
             torch.cuda.memory._record_memory_history(enabled=None)
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
-        notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
+        notes |= chosen(trainer)
         notes['step_s'] = [round(b - a, 4) for a, b in zip([timer.start, *timer.times], timer.times)]
         losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -302,8 +306,7 @@ def seed_epoch(model, tok, data, max_len, device):
 def product_epoch(cfg, model, tok, data):
     "The product's epoch; wall time and real tokens from the second step on, as `seed_epoch`."
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
-    trainer.train(); notes['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
-    if trainer.graphed: notes['cuda_graphs'] = {'captures': trainer.graphed.captures, 'replays': trainer.graphed.replays}
+    trainer.train(); notes |= chosen(trainer)
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     real = logged[-1]['num_tokens'] - logged[0]['num_tokens']  # TRL counts the tokens under the attention mask
     return trainer.model, timer.times[-1] - timer.times[0], real, [h['loss'] for h in logged], notes
@@ -414,16 +417,12 @@ def profile_case(model_path, max_len, work, steps=10, extra=(), first=20):
                          extra=['train.num_train_epochs=4', f'train.logging_steps={TrainSettings.logging_steps}',
                                 *extra])
     res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + steps + 3)], live=False)
-    args, g = res.trainer.args, res.trainer.graphed
     step_s = [b - a for a, b in zip([timer.start, *timer.times], timer.times)]
     untraced = step_s[max(1, first - steps):first]  # step 1 warms up
     traced = gpu.report()
     return {**traced, 'gpu_busy_fraction_untraced': traced['gpu_busy_s_per_step'] / (sum(untraced) / len(untraced)),
             'with_host_trace': host.report(), 'unprofiled_step_wall_s': untraced,
-            'step_s': step_s, 'first_profiled_step': first + 1,
-            'batch': args.per_device_train_batch_size, 'accumulation': args.gradient_accumulation_steps,
-            'compiled': res.trainer.compiled_layers, 'liger': args.use_liger_kernel, 'overrides': list(extra),
-            'cuda_graphs': g and {'captures': g.captures, 'replays': g.replays, 'eager_calls': g.eager_calls},
+            'step_s': step_s, 'first_profiled_step': first + 1, **res.summary['speed'], 'overrides': list(extra),
             'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
 
 
@@ -433,7 +432,7 @@ def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
     cfg = product_config(work, f'profile-8b-{dropout}', seq, 1, steps=PLANNED_STEPS, dropout=dropout)
     trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps),
                                             [StopAfter(2 + steps)])
-    cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train()
+    cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train(); notes |= chosen(trainer)
     del model, trainer; reset_memory()
     return {**cb.report(), **notes}
 

@@ -170,7 +170,7 @@ def whole_batches(train, eff, max_len, packing=False, name='case'):
 
 
 def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
-    from bench import StepTimer, peak_gib, product_config, product_trainer, real_rows, reset_memory
+    from bench import StepTimer, chosen, peak_gib, product_config, product_trainer, real_rows, reset_memory
     from qlora_nb.core import resolve_compute_dtype
     from qlora_nb.distributed import fsdp_enabled, local_rank, start_processes, world_size
     from qlora_nb.weights import resolve_model, tiny_model_dir
@@ -206,7 +206,7 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
            'effective_batch': trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size,
            'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s,
-           'build_peak_gib': build_peak, **choices,
+           'build_peak_gib': build_peak, **choices, **chosen(trainer),
            'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged],
            'overrides': list(overrides), 'step_times': [b - a for a, b in zip(timer.times, timer.times[1:])]}
     if world_size() > 1:  # what synchronizing the adapters' gradients costs on this host, on its own

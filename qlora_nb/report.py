@@ -62,6 +62,9 @@ def implementation_section(a) -> str:
                             f"{t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps}, "
                             f"{t.num_train_epochs} epochs, seed {t.seed}",
             'libraries': ', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}
+    if speed := a['summary'].get('speed'):  # what `auto` chose on the run's machine (runs since 2026-11-23)
+        from qlora_nb.train import speed_line  # the trainer's own words for it; imported only when there is one
+        rows['chosen for speed'] = speed_line(speed)
     return '## Implementation\n\n' + _table(_values(rows), ['value'])
 
 # %% ../nbs/08_report.ipynb #2eb6f094

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_MIN_REPLAYS', 'GRAPH_INPUTS', 'QUICK',
            'planned_passes', 'use_compile', 'use_liger', 'sft_config', 'trainer_datasets', 'layer_activation_bytes',
-           'memory_budget', 'use_checkpointing', 'fold_accumulation', 'add_run_lora', 'is_liger', 'model_module',
-           'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention', 'compile_layers', 'recompute_everything',
-           'checkpoints_inside_compile', 'keep_only_layer_inputs', 'graph_shapes', 'cuda_graph_refusals',
-           'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder', 'GraphsForThisRun', 'TrainingDiverged',
-           'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback',
-           'environment', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype',
-           'build_trainer', 'train', 'StopAtStep']
+           'memory_budget', 'use_checkpointing', 'is_checkpointed', 'fold_accumulation', 'add_run_lora', 'is_liger',
+           'model_module', 'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention', 'compile_layers',
+           'recompute_everything', 'checkpoints_inside_compile', 'keep_only_layer_inputs', 'graph_shapes',
+           'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder',
+           'GraphsForThisRun', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
+           'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint',
+           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -135,6 +135,12 @@ def use_checkpointing(cfg:RunConfig, model_config) -> bool:
     tokens = cfg.data.max_seq_length * cfg.train.per_device_train_batch_size
     full = model_config.num_hidden_layers * layer_activation_bytes(model_config, tokens)
     return sum(fp.values()) - fp['activations (checkpointed)'] + full > 0.8 * memory_budget(cfg)
+
+# %% ../nbs/04_training.ipynb #54acbd65
+def is_checkpointed(model) -> bool:
+    "Whether `model` recomputes its activations in the backward pass (transformers 5 renamed the flag)."
+    return bool(next((getattr(model, a) for a in ('is_activation_checkpointing', 'is_gradient_checkpointing')
+                      if hasattr(model, a)), False))
 
 # %% ../nbs/04_training.ipynb #5c4ae2bb
 def fold_accumulation(cfg:RunConfig, model_config) -> RunConfig:
@@ -408,6 +414,28 @@ def environment() -> dict:
             'gpu': gpu, 'gpu_memory_gb': torch.cuda.get_device_properties(0).total_memory / 1e9 if gpu else None,
             'versions': vers, 'git_commit': commit}
 
+# %% ../nbs/04_training.ipynb #d24a9475
+def speed_choices(trainer) -> dict:
+    "What the speed settings of `build_trainer`'s `trainer` came to, `auto` decided; with graphs, how they ran."
+    a, g = trainer.args, trainer.graphed
+    return {'per_device_batch': a.per_device_train_batch_size, 'accumulation': a.gradient_accumulation_steps,
+            'checkpointing': is_checkpointed(trainer.model), 'compile': trainer.compiled_layers,
+            'liger': a.use_liger_kernel, 'cuda_graphs': g is not None,
+            'optim': getattr(a.optim, 'value', a.optim),  # the name, not transformers' enum
+            **({'cuda_graph_passes': {'captures': g.captures, 'replays': g.replays, 'eager': g.eager_calls,
+                                      'failed': g.failed}} if g else {})}
+
+# %% ../nbs/04_training.ipynb #68c3ff69
+def speed_line(choices:dict) -> str:
+    "`speed_choices` in words: the line `train` prints when a run starts, and the report's."
+    on = lambda k: 'on' if choices[k] else 'off'
+    p = choices.get('cuda_graph_passes') or {}
+    ran = f" ({p['captures']} captures, {p['replays']} replays)" if p.get('captures') else ''
+    failed = f" (capture failed: {p['failed']})" if p.get('failed') else ''
+    return (f"batch {choices['per_device_batch']} x accumulation {choices['accumulation']}, checkpointing "
+            f"{on('checkpointing')}, compiled layers {on('compile')}, Liger {on('liger')}, CUDA graphs "
+            f"{on('cuda_graphs')}{ran}{failed}, optimizer {choices['optim']}")
+
 # %% ../nbs/04_training.ipynb #9d3acf68
 def last_complete_checkpoint(run_dir) -> str|None:
     "The newest checkpoint that was written to the end (the trainer writes its `trainer_state.json` last)."
@@ -467,8 +495,7 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
         from transformers.integrations import TensorBoardCallback
         cbs.append(TensorBoardCallback(SummaryWriter(str(cfg.run.logs_dir))))
     if cfg.train.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    checkpointed = next((getattr(model, a) for a in ('is_activation_checkpointing', 'is_gradient_checkpointing')
-                         if hasattr(model, a)), False)  # transformers 5 renamed it
+    checkpointed = is_checkpointed(model)
     passes = planned_passes(cfg, len(train_ds))
     compiled = use_compile(cfg, passes, checkpointed)
     graphed = use_cuda_graphs(cfg, compiled, checkpointed, passes, train_ds)
@@ -516,7 +543,8 @@ def _finish(cfg, trainer, tok, wall, resume_from):
                'tokens_seen': max((h.get('num_tokens', 0) for h in hist), default=0), 'wall_time_s': wall,
                'train_examples': len(trainer.train_dataset),
                'processes': world_size(), 'distributed': cfg.train.distributed if world_size() > 1 else None,
-               'effective_batch': effective_batch(trainer.args), 'peak_memory': _memory_gb(), 'environment': environment()}
+               'effective_batch': effective_batch(trainer.args), 'speed': speed_choices(trainer),
+               'peak_memory': _memory_gb(), 'environment': environment()}
     write_json(run.summary_file, summary)
     return summary
 
@@ -532,7 +560,9 @@ def train(cfg:RunConfig, resume=None, # True for the latest checkpoint of the ru
     model, tok = load_model(cfg.model, cfg.quant)
     model = add_run_lora(cfg, model)
     trainer = build_trainer(cfg, data, model, tok, callbacks, live)
-    if world_size() > 1 and trainer.is_world_process_zero(): print(batch_line(trainer.args), flush=True)
+    if trainer.is_world_process_zero():
+        if world_size() > 1: print(batch_line(trainer.args), flush=True)
+        print('speed:', speed_line(speed_choices(trainer)), flush=True)
     start = time.time()
     try: trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
