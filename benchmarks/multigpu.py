@@ -201,12 +201,10 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     logged = [h for h in trainer.state.log_history if 'loss' in h]
     row = {'case': name, 'shape': shape, 'processes': world_size(), 'distributed': distributed, 'fsdp': fsdp_enabled(),
            'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-           'per_device_batch': trainer.args.per_device_train_batch_size,
-           'accumulation': trainer.args.gradient_accumulation_steps,
+           **chosen(trainer),  # batch, accumulation, optimizer and what `auto` chose, as the run summary records them
            'effective_batch': trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size,
-           'optim': trainer.args.optim, 'steps': trainer.state.global_step, 'build_s': build_s,
-           'build_peak_gib': build_peak, **choices, **chosen(trainer),
+           'steps': trainer.state.global_step, 'build_s': build_s, 'build_peak_gib': build_peak, **choices,
            'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged],
            'overrides': list(overrides), 'step_times': [b - a for a, b in zip(timer.times, timer.times[1:])]}
     if world_size() > 1:  # what synchronizing the adapters' gradients costs on this host, on its own
