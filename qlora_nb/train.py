@@ -9,9 +9,10 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'model_module', 'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention', 'compile_layers',
            'recompute_everything', 'checkpoints_inside_compile', 'keep_only_layer_inputs', 'graph_shapes',
            'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder',
-           'GraphsForThisRun', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
-           'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint',
-           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'GraphsForThisRun', 'SyncFreeSFTTrainer', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
+           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line',
+           'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train',
+           'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -20,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import psutil, torch, yaml
+from fastcore.basics import patch_to
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.trainer_utils import get_last_checkpoint
@@ -103,6 +105,7 @@ def sft_config(cfg:RunConfig, compiled:bool=False, **kwargs) -> SFTConfig:
                              'fused_linear_cross_entropy': False},
         dataset_kwargs={} if cfg.data.packing else {'skip_prepare_dataset': True},  # our tokens and masks, as they are
         logging_nan_inf_filter=False,  # the trainer would otherwise hide a NaN loss behind the previous average
+        accelerator_config={'non_blocking': torch.cuda.is_available()},  # a blocking copy waits for the GPU
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
     return SFTConfig(**{**args, **kwargs})
 
@@ -316,6 +319,48 @@ class GraphsForThisRun(TrainerCallback):
     def __init__(self, graphed): self.graphed = graphed
     def on_train_end(self, args, state, control, **kw): self.graphed.remove()
 
+# %% ../nbs/04_training.ipynb #023295ae
+class SyncFreeSFTTrainer(SFTTrainer):
+    "TRL's SFTTrainer, whose training steps keep their logged metrics on the device until a log."
+    def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs); self._step_counts = []
+
+    def _plain_step(self) -> bool:
+        "A training step of TRL's plain loss: the case this class computes itself."
+        return (self.model.training and self.compute_loss_func is None and self.label_smoother is None
+                and not self.aux_loss_enabled and self.args.loss_type == 'nll'
+                and getattr(self.accelerator, 'parallelism_config', None) is None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_step(): return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        out = model(**inputs, use_cache=False, fused_lm_head=True)
+        n = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -out.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
+        ids = inputs.get('attention_mask', inputs.get('position_ids'))
+        seen = ids.sum() if 'attention_mask' in inputs else ids.new_full((), ids.size(1))  # padding-free: every token
+        counts = (out.label_mask.sum(), out.entropy.detach().sum(), out.is_top1.sum(), seen)
+        self._step_counts.append(torch.stack([c.double() for c in counts]))
+        return (loss, out) if return_outputs else loss
+
+# %% ../nbs/04_training.ipynb #2c6a799a
+@patch_to(SyncFreeSFTTrainer)
+def _record_step_counts(self):
+    "TRL's per-step metrics from the counts kept since the last log: one gather, one wait for the GPU."
+    counts = torch.stack(self._step_counts); self._step_counts = []
+    steps = self.accelerator.gather(counts).view(-1, *counts.shape).sum(0).tolist()  # summed over the processes
+    metrics = self._metrics['train']
+    for valid, entropy, correct, seen in steps:
+        metrics['entropy'].append(entropy / valid if valid > 0 else 0.0)
+        metrics['mean_token_accuracy'].append(correct / valid if valid > 0 else 0.0)
+        self._total_train_tokens += int(seen) // self._tp_size
+    metrics['num_tokens'] = [self._total_train_tokens]
+
+@patch_to(SyncFreeSFTTrainer)
+def log(self, logs:dict, start_time=None):
+    if self._step_counts: self._record_step_counts()
+    super(SyncFreeSFTTrainer, self).log(logs, start_time)
+
 # %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
@@ -501,8 +546,8 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     graphed = use_cuda_graphs(cfg, compiled, checkpointed, passes, train_ds)
     module = model_module(model); unpatch_liger(module)  # a run without Liger means it, whatever ran before
     args = sft_config(cfg, compiled, **process_args(cfg), **({'pad_to_multiple_of': CUDA_GRAPH_PAD} if graphed else {}))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                         callbacks=cbs)
+    trainer = SyncFreeSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                                 callbacks=cbs)
     if trainer.args.use_liger_kernel:  # the trainer patched `model` in place, and `module` for every model
         unpatch_liger(module, classes_only=True); trainer.add_callback(LigerForThisRun(module))
     set_adapter_dtype(trainer.model, adapter_dtype(cfg, trainer.args.fp16))

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# How issue #17's speed files are made on one lent GPU machine (see ../shared/GPU.md of the project's workspace), one
+# call of the `device` tool per line, each under 10 minutes, all within one lease (the machine keeps /tmp between
+# calls; $OUT is fresh in each). Carried: .whl/ (the wheels the machine lacks), .whlu/ (Unsloth's, installed apart
+# because it pins older trl and datasets), the default model's GGUF in parts (.m1, .m2: one call carries 64 MiB), and
+# .commit (`git rev-parse HEAD > .commit` here: the copy there has no git history).
+#   bash benchmarks/speed_session.sh setup     # carry .whl .whlu
+#   bash benchmarks/speed_session.sh part      # carry .m1, then again with .m2
+#   bash benchmarks/speed_session.sh waits     # host_waits.py: what each wait for the GPU costs the default job
+#   bash benchmarks/speed_session.sh bench 2048x1          # bench.py, the 8B shape at 2048 x 1 (Unsloth beside)
+#   bash benchmarks/speed_session.sh bench real            # real lengths, the default model's epoch
+#   bash benchmarks/speed_session.sh bench "t4 mode" profile   # the T4 mode and the profiles
+#   bash benchmarks/speed_session.sh long     # the default model for 300 steps, CUDA graphs (auto) against compiled
+# Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
+set -uo pipefail
+export QLORA_NB_COMMIT=$(cat .commit 2>/dev/null) PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export QLORA_NB_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf QLORA_NB_CACHE=/tmp/qcache HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 UNSLOTH_DISABLE_STATISTICS=1
+mkdir -p /tmp/model
+[ "$1" = setup ] || [ "$1" = part ] || [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
+case "$1" in
+  setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u .whlu/*.whl
+         nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+  part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
+  waits) timeout -s INT 570 python3 benchmarks/host_waits.py --out "$OUT/host-waits.json" ;;
+  bench) shift
+         timeout -s INT 570 python3 benchmarks/bench.py --unsloth-site /tmp/site_u --work /tmp/bench_work \
+           --out /tmp/bench.json --only "$@"
+         cp /tmp/bench.json "$OUT/" ;;
+  long)  for r in graphs compiled; do
+           s="--set output.output_dir=/tmp/long --set output.run_name=$r --set output.report_to=[] --set train.max_steps=300"
+           [ $r = compiled ] && s="$s --set train.compile=true"
+           timeout 280 python3 -m qlora_nb.cli train $s > /tmp/long-$r.log 2>&1; echo "$r rc $?"
+           grep -i "^speed\|error" /tmp/long-$r.log | head -3 | cut -c1-300
+         done
+         python3 - <<'PY'
+import json, glob, os
+out = {p.split('/')[-2]: {'summary': json.load(open(p)),
+                          'history': json.load(open(p.replace('run_summary.json', 'training_history.json')))}
+       for p in glob.glob('/tmp/long/*/run_summary.json')}
+json.dump(out, open(os.environ['OUT'] + '/long.json', 'w'), indent=1)
+print({k: (round(v['summary']['wall_time_s'], 1), v['summary'].get('final_eval_loss')) for k, v in out.items()})
+PY
+         ;;
+esac
