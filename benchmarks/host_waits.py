@@ -3,10 +3,12 @@
 `default_model_gpu_busy`). The default job's profile (`bench.py`'s `profile_case`: `train()` on the default model, its
 third epoch traced), with the waits put back one by one, side by side in one process:
 
-* `product`: the code as it ships (`SyncFreeSFTTrainer`, batches copied to the GPU without blocking);
-* `trl metrics`: TRL's own `compute_loss` and `log` (five waits per micro-batch);
-* `blocking copies`: accelerate's default, a blocking copy of each batch;
-* `both`: the product before 2026-11-23.
+* `product`: the code as it ships (`SyncFreeSFTTrainer`, TRL's head scoring every position, batches copied to the GPU
+  without blocking);
+* `compact head`: the same with TRL's head picking the trained positions (four waits per step);
+* `trl metrics`: TRL's own `compute_loss` and `log` (five waits per micro-batch more, the compact head);
+* `blocking copies`: the product with accelerate's default, a blocking copy of each batch;
+* `before`: the product before 2026-11-23 (TRL's metrics and head, blocking copies).
 
 Each arm runs `--repeats` times, interleaved. Then one more run of the product under
 `torch.cuda.set_sync_debug_mode('warn')` over the same window lists every wait left, by the line that asked for it.
@@ -31,11 +33,13 @@ from trl import SFTTrainer
 
 def waits_put_back(arm):
     "The patches that put back the waits an arm names (none for `product`)."
+    from contextlib import nullcontext
     patches = []
-    if arm in ('trl metrics', 'both'):
+    if arm == 'compact head': patches.append(patch.object(product, 'every_position_scored', nullcontext))
+    if arm in ('trl metrics', 'before'):
         patches.append(patch.multiple(product.SyncFreeSFTTrainer, compute_loss=SFTTrainer.compute_loss,
                                       log=SFTTrainer.log))
-    if arm in ('blocking copies', 'both'):
+    if arm in ('blocking copies', 'before'):
         shipped = product.sft_config
         blocking = lambda cfg, compiled=False, **kw: shipped(cfg, compiled, **{**kw, 'accelerator_config': {'non_blocking': False}})
         patches.append(patch.object(product, 'sft_config', blocking))
@@ -84,7 +88,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--tiny', action='store_true', help='the tiny model, a short window (checks the code)')
     ap.add_argument('--repeats', type=int, default=2)
-    ap.add_argument('--arms', nargs='+', default=['product', 'both', 'trl metrics', 'blocking copies'])
+    ap.add_argument('--arms', nargs='+', default=['product', 'compact head', 'before'])
     ap.add_argument('--out', required=True)
     args = ap.parse_args(argv)
     import tempfile

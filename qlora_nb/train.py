@@ -9,16 +9,18 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'model_module', 'unpatch_liger', 'LigerForThisRun', 'NoCudnnAttention', 'compile_layers',
            'recompute_everything', 'checkpoints_inside_compile', 'keep_only_layer_inputs', 'graph_shapes',
            'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder',
-           'GraphsForThisRun', 'SyncFreeSFTTrainer', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
-           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line',
-           'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train',
-           'StopAtStep']
+           'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer', 'TrainingDiverged', 'OutOfMemory',
+           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
+           'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
+           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 import psutil, torch, yaml
 from fastcore.basics import patch_to
@@ -319,6 +321,14 @@ class GraphsForThisRun(TrainerCallback):
     def __init__(self, graphed): self.graphed = graphed
     def on_train_end(self, args, state, control, **kw): self.graphed.remove()
 
+# %% ../nbs/04_training.ipynb #f6b46bd7
+@contextmanager
+def every_position_scored():
+    "TRL's fused LM head scoring every position: it would pick the trained ones by a boolean index, which waits."
+    import trl.trainer.utils as trl_utils
+    if not hasattr(trl_utils, '_use_triton'): yield; return  # another TRL: its own way
+    with patch.object(trl_utils, '_use_triton', lambda device: False): yield  # the head's choice only, not its kernels
+
 # %% ../nbs/04_training.ipynb #023295ae
 class SyncFreeSFTTrainer(SFTTrainer):
     "TRL's SFTTrainer, whose training steps keep their logged metrics on the device until a log."
@@ -332,7 +342,7 @@ class SyncFreeSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._plain_step(): return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        out = model(**inputs, use_cache=False, fused_lm_head=True)
+        with every_position_scored(): out = model(**inputs, use_cache=False, fused_lm_head=True)
         n = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = -out.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
