@@ -59,3 +59,24 @@ def test_cudagraphs_probe_runs_the_product_path(tmp_path):
     row = json.loads(out.read_text())['results']['llama3-8b-shape 2048x1 ckpt']['qlora_nb']
     assert row['checkpointing'] is True and row['tokens_per_s'] > 0
     assert (tmp_path/'w'/'qlora_nb-128x1-0.05-train.gradient_checkpointing=true'/'training_history.json').exists()
+
+
+def test_host_waits_puts_each_wait_back_and_takes_it_away(tmp_path):
+    "Each arm of host_waits.py runs the product with exactly its waits put back, and the product is whole after it."
+    from unittest.mock import patch
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import host_waits
+    from qlora_nb import train as product
+    def parts(): return product.SyncFreeSFTTrainer.compute_loss, product.sft_config, product.every_position_scored
+    shipped, seen, profile_case = parts(), [], host_waits.bench.profile_case
+    def spy(*args, **kw):
+        seen.append(tuple(a is b for a, b in zip(parts(), shipped)))
+        return profile_case(*args, **kw)
+    with patch.object(host_waits.bench, 'profile_case', spy):
+        res = host_waits.main(['--tiny', '--repeats', '1', '--arms', 'product', 'compact head', 'before',
+                               '--out', str(tmp_path/'waits.json')])
+    # (our loss and metrics, non-blocking copies, every position scored) for each arm
+    assert seen == [(True, True, True), (True, True, False), (False, False, True)], seen
+    assert parts() == shipped
+    assert [r['arm'] for r in res['runs']] == ['product', 'compact head', 'before']
+    assert all(r['untraced_step_s'] > 0 for r in res['runs']) and res['census']['waits_per_step'] == 0  # a CPU never waits
