@@ -417,6 +417,15 @@ class Profiled(TrainerCallback):
                                        'self_cpu_ms_per_step': e.self_cpu_time_total / 1e3 / self.steps} for e in ops]}
 
 
+def default_job_config(work, name, model_path, max_len, extra=()):
+    "The default job's batch, accumulation and logging, over four epochs: what the profiles run (`extra`: more)."
+    from qlora_nb.core import TrainSettings
+    return product_config(work, name, max_len, TrainSettings.per_device_train_batch_size,
+                          TrainSettings.gradient_accumulation_steps, model=model_path,
+                          extra=['train.num_train_epochs=4', f'train.logging_steps={TrainSettings.logging_steps}',
+                                 *extra])
+
+
 def profile_case(model_path, max_len, work, steps=10, extra=(), first=20):
     """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
     default job's batch, accumulation and logging (`extra`: other settings; until 2026-11-23 it logged every step).
@@ -425,13 +434,9 @@ def profile_case(model_path, max_len, work, steps=10, extra=(), first=20):
     shape (until 2026-11-23 steps 4-8, during the captures; then steps 21-25). Tracing slows the host, so the report
     adds the traced GPU work over the wall time of the `steps` untraced steps before the window (the second epoch:
     the same examples, batched again)."""
-    from qlora_nb.core import TrainSettings
     from qlora_nb.train import train
     gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(first + steps, 3), StepTimer()
-    cfg = product_config(work, 'profile', max_len, TrainSettings.per_device_train_batch_size,
-                         TrainSettings.gradient_accumulation_steps, model=model_path,
-                         extra=['train.num_train_epochs=4', f'train.logging_steps={TrainSettings.logging_steps}',
-                                *extra])
+    cfg = default_job_config(work, 'profile', model_path, max_len, extra)
     res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + steps + 3)], live=False)
     step_s = [b - a for a, b in zip([timer.start, *timer.times], timer.times)]
     untraced = step_s[max(1, first - steps):first]  # step 1 warms up

@@ -75,11 +75,7 @@ class SyncWarnings(TrainerCallback):
 
 
 def sync_census(model_path, max_len, work, first, steps):
-    from qlora_nb.core import TrainSettings
-    cb = SyncWarnings(first, steps)
-    cfg = bench.product_config(work, 'census', max_len, TrainSettings.per_device_train_batch_size,
-                               TrainSettings.gradient_accumulation_steps, model=model_path,
-                               extra=['train.num_train_epochs=4', f'train.logging_steps={TrainSettings.logging_steps}'])
+    cb, cfg = SyncWarnings(first, steps), bench.default_job_config(work, 'census', model_path, max_len)
     product.train(cfg, callbacks=[cb, bench.StopAfter(first + steps)], live=False)
     return cb.report()
 

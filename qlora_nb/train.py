@@ -347,8 +347,8 @@ class SyncFreeSFTTrainer(SFTTrainer):
         loss = -out.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
-        ids = inputs.get('attention_mask', inputs.get('position_ids'))
-        seen = ids.sum() if 'attention_mask' in inputs else ids.new_full((), ids.size(1))  # padding-free: every token
+        mask, pos = inputs.get('attention_mask'), inputs.get('position_ids')
+        seen = mask.sum() if mask is not None else pos.new_full((), pos.size(1))  # padding-free: every token
         counts = (out.label_mask.sum(), out.entropy.detach().sum(), out.is_top1.sum(), seen)
         self._step_counts.append(torch.stack([c.double() for c in counts]))
         return (loss, out) if return_outputs else loss
