@@ -94,6 +94,13 @@ def sync():
     if torch.cuda.is_available(): torch.cuda.synchronize()
 
 
+def graph_captures(model):
+    "How many CUDA graphs the run's `GraphedDecoder` captured so far: the steps it captured in are not the steps' speed."
+    from qlora_nb.train import GraphedDecoder
+    graphed = (f for m in model.modules() if isinstance(f := vars(m).get('forward'), GraphedDecoder))
+    return next((g.captures for g in graphed), 0)
+
+
 def seed_step(model, opt, batch):
     out = model(**batch)
     out.loss.backward()
@@ -162,6 +169,10 @@ def synthetic_data(vocab, seq, n, seed=0):
     return PreparedData(DatasetDict(train=ds, validation=ds.select(range(1))), DatasetDict())
 
 
+# `--shape`: the synthetic cases' name prefix and their config (a function of qlora_nb.model)
+SHAPES = {'8b': ('llama3-8b-shape', 'llama3_8b_config'), '3b': ('llama3.2-3b-shape', 'llama32_3b_config'),
+          '1b': ('llama3.2-1b-shape', 'llama32_1b_config')}
+
 SETTINGS = []  # `--set`: product settings for every case of this invocation
 MEMORY_HISTORY = False  # `--memory-history`: where the memory is at the peak of each synthetic product case
 
@@ -185,12 +196,16 @@ class StepTimer(TrainerCallback):
     """Times the trainer's optimizer steps: it measures, it does not train. On a GPU it records a CUDA event at the end
     of each step and reads them all after the run, so the timing adds no wait for the GPU to the step (until
     2026-11-23 it synchronized at every step end, one wait more than `qlora_nb train` has); on a CPU, the clock."""
-    def __init__(self): self.marks = []
+    def __init__(self): self.marks, self.captures = [], []
     def _mark(self):
         if not torch.cuda.is_available(): return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True); event.record(); return event
-    def on_train_begin(self, args, state, control, **kw): self.marks = [self._mark()]
-    def on_step_end(self, args, state, control, **kw): self.marks.append(self._mark())
+    def on_train_begin(self, args, state, control, **kw): self.marks, self.captures = [self._mark()], [0]
+    def on_step_end(self, args, state, control, **kw):
+        self.marks.append(self._mark()); self.captures.append(graph_captures(kw['model']))
+    def captured(self):
+        "For each step, whether it captured a CUDA graph (its time is mostly the capture's)."
+        return [b > a for a, b in zip(self.captures, self.captures[1:])]
     def seconds(self):
         "Each mark's time in seconds: the run's start, then every step's end."
         if not torch.cuda.is_available(): return list(self.marks)
@@ -256,7 +271,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tps = batch * seq * steps / dt
     res = {'recipe': recipe, 'dropout': dropout, 'seq': seq, 'batch': batch, 'steps': steps, 'tokens_per_s': tps,
-           'peak_gib': peak_gib(), 'loss_last': losses[-1], 'lora_params': n_lora, **notes}
+           'peak_gib': peak_gib(), 'loss_last': losses[-1] if losses else None, 'lora_params': n_lora, **notes}
     if peak_tflops: res['mfu'] = tps * flops_per_token(config, n_lora, seq) / (peak_tflops * 1e12)
     del model; reset_memory()
     return res
@@ -385,20 +400,28 @@ def dtype_case(dtype, model_path, max_len, max_examples, work, adapters='auto'):
 
 
 class Profiled(TrainerCallback):
-    """Profiles optimizer steps `first` to `first + steps - 1` of a trainer (it measures, it does not train). `cpu`
-    also traces the host's operators: that tracing slows a launch-bound step about 3x (the GPU's kernels do not
-    slow), so the busy fraction is read from a window that traces the GPU alone."""
-    def __init__(self, first=3, steps=5, cpu=True): self.first, self.steps, self.cpu = first, steps, cpu
+    """Profiles optimizer steps `first` + 1 to `first` + `steps` of a trainer (it measures, it does not train). Step
+    `first` is traced and thrown away (`torch.profiler.schedule`'s warm-up: the profiler's own start-up, which until
+    2026-11-23 the window began with). `cpu` also traces the host's operators: that tracing slows a launch-bound step
+    about 3x (the GPU's kernels do not slow), so the busy fraction is read from a window that traces the GPU alone."""
+    def __init__(self, first=3, steps=5, cpu=True): self.first, self.steps, self.cpu, self.prof = first, steps, cpu, None
     def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.first:
-            from torch.profiler import ProfilerActivity, profile
+        if state.global_step == self.first - 1:
+            from torch.profiler import ProfilerActivity, profile, schedule
             acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if self.cpu else [ProfilerActivity.CUDA]
             if not torch.cuda.is_available(): acts = [ProfilerActivity.CPU]  # a CPU check of the code: no kernels
-            sync(); self.prof = profile(activities=acts); self.prof.__enter__()
-            self.t = time.perf_counter()
+            self.prof = profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=self.steps, repeat=1))
+            self.prof.__enter__()
     def on_step_end(self, args, state, control, **kw):
+        if self.prof is None or not self.first <= state.global_step <= self.first + self.steps: return
+        if state.global_step == self.first:  # the warm-up ends: the window starts
+            sync(); self.prof.step(); self.t, self.captures = time.perf_counter(), graph_captures(kw['model'])
+            return
         if state.global_step == self.first + self.steps:
-            sync(); self.wall = time.perf_counter() - self.t; self.prof.__exit__(None, None, None)
+            sync(); self.wall = time.perf_counter() - self.t
+            self.captures = graph_captures(kw['model']) - self.captures
+        self.prof.step()
+        if state.global_step == self.first + self.steps: self.prof.__exit__(None, None, None)
 
     def report(self):
         "GPU busy fraction (kernel time / wall) and the top kernels, per step (and the host's top operators)."
@@ -408,6 +431,7 @@ class Profiled(TrainerCallback):
         for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
         res = {'step_wall_s': self.wall / self.steps, 'gpu_busy_fraction': busy / self.wall,
+               'graph_captures_in_window': self.captures,
                'gpu_busy_s_per_step': busy / self.steps, 'kernels_per_step': len(kernels) / self.steps,
                'top_kernels': [{'name': n[:100], 'ms_per_step': t / 1e3 / self.steps} for n, t in top]}
         if not self.cpu: return res
@@ -426,25 +450,32 @@ def default_job_config(work, name, model_path, max_len, extra=()):
                                  *extra])
 
 
-def profile_case(model_path, max_len, work, steps=10, extra=(), first=20):
+# The default job's profile (`profile_case`), by step: the second epoch untraced (its wall time, the captures of
+# the first epoch behind it), a host trace in the third, the GPU trace in the fourth, each after a warm-up step
+# (until 2026-11-23 the GPU trace took steps 21-30: it began with the profiler's start-up and ended on a capture)
+PROFILE_WINDOW = dict(reference=(11, 20), host_first=21, first=31, steps=8)
+TINY_PROFILE_WINDOW = dict(reference=(2, 2), host_first=3, first=7, steps=2)  # a CPU check of the code
+
+
+def profile_case(model_path, max_len, work, extra=(), reference=PROFILE_WINDOW['reference'],
+                 host_first=PROFILE_WINDOW['host_first'], first=PROFILE_WINDOW['first'], steps=PROFILE_WINDOW['steps']):
     """How busy the GPU is in the product's training step: the default model on real data, through `train()`, with the
-    default job's batch, accumulation and logging (`extra`: other settings; until 2026-11-23 it logged every step).
-    Steps `first` + 1 to `first` + `steps` trace the GPU alone (the busy fraction), the next 3 the host too (where its
-    time goes). The default traces the default job's third epoch (10 steps), after CUDA graphs captured every batch
-    shape (until 2026-11-23 steps 4-8, during the captures; then steps 21-25). Tracing slows the host, so the report
-    adds the traced GPU work over the wall time of the `steps` untraced steps before the window (the second epoch:
-    the same examples, batched again)."""
+    default job's batch, accumulation and logging (`extra`: other settings). Steps `first` + 1 to `first` + `steps`
+    trace the GPU alone (the busy fraction), `host_first` + 1 to + 3 the host too (where its time goes); each trace
+    throws its first step away. Tracing slows the host, so the report adds the traced GPU work over the wall time of
+    the untraced `reference` steps (first to last), less any that captured a CUDA graph."""
     from qlora_nb.train import train
-    gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(first + steps, 3), StepTimer()
+    gpu, host, timer = Profiled(first, steps, cpu=False), Profiled(host_first, 3), StepTimer()
     cfg = default_job_config(work, 'profile', model_path, max_len, extra)
-    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + steps + 3)], live=False)
+    res = train(cfg, callbacks=[gpu, host, timer, StopAfter(first + steps)], live=False)
     step_s = [b - a for a, b in zip([timer.start, *timer.times], timer.times)]
-    untraced = step_s[max(1, first - steps):first]  # step 1 warms up
+    captured = timer.captured()
+    untraced = [s for n, s in enumerate(step_s, 1) if reference[0] <= n <= reference[1] and not captured[n - 1]]
     traced = gpu.report()
     return {**traced, 'gpu_busy_fraction_untraced': traced['gpu_busy_s_per_step'] / (sum(untraced) / len(untraced)),
-            'with_host_trace': host.report(), 'unprofiled_step_wall_s': untraced,
-            'step_s': step_s, 'first_profiled_step': first + 1, **res.summary['speed'], 'overrides': list(extra),
-            'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
+            'with_host_trace': host.report(), 'unprofiled_step_wall_s': untraced, 'reference_steps': list(reference),
+            'step_s': step_s, 'captured': captured, 'first_profiled_step': first + 1, **res.summary['speed'],
+            'overrides': list(extra), 'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
 
 
 def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
@@ -515,6 +546,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--tiny', action='store_true', help='a tiny model and a few steps (CPU-friendly; checks the code, not the speed)')
     ap.add_argument('--model', default='default', help='model of the real-data case')
+    ap.add_argument('--shape', default='8b', choices=sorted(SHAPES),
+                    help="the random-weight shape of the synthetic cases (the issue's targets are the 8B shape's)")
     ap.add_argument('--steps', type=int, default=8); ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--only', nargs='+', help='run only the cases whose names contain one of these words')
     ap.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='product settings for every product case')
@@ -533,7 +566,8 @@ def main(argv=None):
     SETTINGS[:] = args.set
     global MEMORY_HISTORY; MEMORY_HISTORY = args.memory_history
     import tempfile
-    from qlora_nb.model import llama3_8b_config, load_tokenizer
+    from qlora_nb import model as qmodel
+    from qlora_nb.model import load_tokenizer
     from qlora_nb.weights import resolve_model, tiny_model_dir
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     work = Path(args.work or tempfile.mkdtemp(prefix='qlora_nb_bench_'))
@@ -543,7 +577,7 @@ def main(argv=None):
                             num_attention_heads=4, num_key_value_heads=2)
         seq8, model_path, max_len, max_examples, steps, warmup = 128, str(tiny_model_dir()), 512, 8, 2, 1
     else:
-        shape, seq8 = llama3_8b_config(), 2048
+        shape, seq8 = getattr(qmodel, SHAPES[args.shape][1])(), 2048
         model_path, max_len, max_examples, steps, warmup = str(resolve_model(args.model)), 2048, None, args.steps, args.warmup
     peak = matmul_peak_tflops(device)
     tok, data = real_rows(model_path, max_len, max_examples)
@@ -558,20 +592,21 @@ def main(argv=None):
         dest.write_text(json.dumps(out, indent=2))
         return out
     synth = lambda r, d=0.05, o=(): synthetic_case(shape, r, seq8, 1, steps, warmup, device, peak, tok, work, d, o)
-    cases = {'llama3-8b-shape 2048x1': {'seed': synth, 'qlora_nb': synth},
-             'llama3-8b-shape 2048x1 dropout 0': {'qlora_nb': lambda r: synth(r, 0.0)},
-             'llama3-8b-shape real lengths': {r: (lambda r: real_case(r, tok, data, device, max_len, work, shape=shape))
+    named = SHAPES[args.shape][0]  # the cases of another shape are named for it, outside the summary's contract
+    cases = {f'{named} 2048x1': {'seed': synth, 'qlora_nb': synth},
+             f'{named} 2048x1 dropout 0': {'qlora_nb': lambda r: synth(r, 0.0)},
+             f'{named} real lengths': {r: (lambda r: real_case(r, tok, data, device, max_len, work, shape=shape))
                                              for r in ('seed', 'qlora_nb')},
              'default model real data': {r: (lambda r: real_case(r, tok, data, device, max_len, work, model_path=model_path))
                                         for r in ('seed', 'qlora_nb')}}
     for v in args.variant:
         vname, overrides = v.split('=', 1)
-        cases[f'llama3-8b-shape 2048x1 {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')): synth(r, 0.05, o)}
-    if args.unsloth_site and torch.cuda.is_available():
-        for d, case in ((0.05, 'llama3-8b-shape 2048x1'), (0.0, 'llama3-8b-shape 2048x1 dropout 0')):
+        cases[f'{named} 2048x1 {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')): synth(r, 0.05, o)}
+    if args.unsloth_site and torch.cuda.is_available() and args.shape == '8b':  # Unsloth's case builds the 8B shape
+        for d, case in ((0.05, f'{named} 2048x1'), (0.0, f'{named} 2048x1 dropout 0')):
             cases[case]['unsloth'] = lambda r, d=d: unsloth_case(args.unsloth_site, seq8, 1, steps, warmup, d, work)
     # the profile runs in the tiny mode too (a CPU traces no kernels), so that its code is checked where CI runs
-    profile_window = dict(first=2, steps=2) if args.tiny else {}
+    profile_window = TINY_PROFILE_WINDOW if args.tiny else PROFILE_WINDOW
     if torch.cuda.is_available() or args.tiny:
         cases['profile'] = {'qlora_nb': lambda r: profile_case(model_path, max_len, work, **profile_window)}
     if torch.cuda.is_available():
@@ -579,11 +614,10 @@ def main(argv=None):
         # TRL's QLoRA cast of the adapters to bf16, the product's default before `lora.adapter_dtype`
         cases['t4 mode']['bfloat16 bf16 adapters'] = lambda r: dtype_case('bfloat16', model_path, max_len, max_examples,
                                                                             work, adapters='bfloat16')
-        for v in args.profile_variant:  # NAME[@FIRST]=...: tracing starts after step FIRST (after the captures)
+        for v in args.profile_variant:
             vname, overrides = v.split('=', 1)
-            first = int(vname.split('@')[1]) if '@' in vname else 20
-            cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')), f=first:
-                                         profile_case(model_path, max_len, work, extra=o, first=f)}
+            cases[f'profile {vname}'] = {'qlora_nb': lambda r, o=tuple(overrides.split(',')):
+                                         profile_case(model_path, max_len, work, extra=o)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}
     for name, recipes in cases.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the product's training step waits for the GPU, and what not waiting is worth (issue #17's
 `default_model_gpu_busy`). The default job's profile (`bench.py`'s `profile_case`: `train()` on the default model, its
-third epoch traced), with the waits put back one by one, side by side in one process:
+fourth epoch traced), with the waits put back one by one, side by side in one process:
 
 * `product`: the code as it ships (`SyncFreeSFTTrainer`, TRL's head scoring every position, batches copied to the GPU
   without blocking);
@@ -52,7 +52,7 @@ def profiled(arm, model_path, max_len, work, window):
         r = bench.profile_case(model_path, max_len, work, **window)
     untraced = sum(r['unprofiled_step_wall_s']) / len(r['unprofiled_step_wall_s'])
     keep = ('gpu_busy_fraction', 'gpu_busy_fraction_untraced', 'step_wall_s', 'gpu_busy_s_per_step', 'kernels_per_step',
-            'tokens_per_step', 'cuda_graph_passes', 'first_profiled_step')
+            'tokens_per_step', 'cuda_graph_passes', 'first_profiled_step', 'graph_captures_in_window')
     return {'arm': arm, **{k: r.get(k) for k in keep}, 'untraced_step_s': untraced,
             'untraced_tokens_per_s': r['tokens_per_step'] / untraced, 'step_s': r['step_s']}
 
@@ -90,7 +90,7 @@ def main(argv=None):
     import tempfile
     from qlora_nb.weights import resolve_model, tiny_model_dir
     model_path = str(tiny_model_dir() if args.tiny else resolve_model('default'))
-    max_len, window = (512, dict(first=2, steps=2)) if args.tiny else (2048, dict(first=20, steps=10))
+    max_len, window = (512, bench.TINY_PROFILE_WINDOW) if args.tiny else (2048, bench.PROFILE_WINDOW)
     work, out = Path(tempfile.mkdtemp(prefix='qlora_nb_waits_')), Path(args.out)
     res = {'environment': bench.environment(), 'window': window, 'runs': []}
     for i in range(args.repeats):
@@ -98,7 +98,7 @@ def main(argv=None):
             res['runs'].append(profiled(arm, model_path, max_len, work / f'{arm}-{i}'.replace(' ', '_'), window))
             print(json.dumps({k: v for k, v in res['runs'][-1].items() if k != 'step_s'}), flush=True)
             out.write_text(json.dumps(res, indent=1))
-    res['census'] = sync_census(model_path, max_len, work / 'census', **window)
+    res['census'] = sync_census(model_path, max_len, work / 'census', window['first'], window['steps'])
     print(json.dumps(res['census'], indent=1))
     out.write_text(json.dumps(res, indent=1))
     return res

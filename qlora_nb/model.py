@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAD_CANDIDATES', 'quant_config', 'fix_pad_token', 'load_tokenizer', 'load_model', 'MemoryLog', 'weight_footprint',
-           'footprint_from_config', 'llama3_8b_config', 'llama32_3b_config', 'footprint_table', 'compare_logits']
+           'footprint_from_config', 'llama3_8b_config', 'llama32_3b_config', 'llama32_1b_config', 'footprint_table',
+           'compare_logits']
 
 # %% ../nbs/02_model.ipynb #0dde7179
 import gc, importlib.util, os, warnings
@@ -148,6 +149,10 @@ def llama3_8b_config():
 def llama32_3b_config():
     return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+def llama32_1b_config():
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 
 # %% ../nbs/02_model.ipynb #a3125fab
 def footprint_table(configs:dict, **kwargs) -> 'pd.DataFrame':

@@ -26,8 +26,10 @@ def test_bench_tiny_mode(tmp_path):
     assert {'checkpointing', 'liger', 'group_by_length'} <= set(product)  # the product's own choices, recorded
     assert (tmp_path/'w'/'qlora_nb-128x1-0.05'/'training_history.json').exists()  # the product's trainer ran
     prof = res['results']['profile']['qlora_nb']  # the GPU profile's code, run on the CPU: no kernels, the steps timed
-    assert len(prof['step_s']) == 2 + 2 + 3 and prof['first_profiled_step'] == 3, prof
+    # step 2 untraced; 3 warms the host trace up, 4-6 traced; 7 warms the GPU trace up, 8-9 traced
+    assert len(prof['step_s']) == 9 and prof['first_profiled_step'] == 8 and prof['captured'] == [False] * 9, prof
     assert prof['unprofiled_step_wall_s'] == prof['step_s'][1:2] and prof['gpu_busy_fraction_untraced'] == 0.0
+    assert prof['with_host_trace']['top_cpu_ops'] and prof['graph_captures_in_window'] == 0
 
 
 def test_peak_allocations_reads_what_is_alive_at_the_peak():
@@ -80,3 +82,18 @@ def test_host_waits_puts_each_wait_back_and_takes_it_away(tmp_path):
     assert parts() == shipped
     assert [r['arm'] for r in res['runs']] == ['product', 'compact head', 'before']
     assert all(r['untraced_step_s'] > 0 for r in res['runs']) and res['census']['waits_per_step'] == 0  # a CPU never waits
+
+
+def test_graph_captures_counts_the_runs_captures():
+    "The profile leaves capturing steps out of its reference: it reads the captures off the model's GraphedDecoder."
+    import torch
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    from bench import graph_captures
+    from qlora_nb.train import GraphedDecoder
+    from qlora_nb.weights import tiny_model_dir
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir()).train()
+    assert graph_captures(model) == 0  # no graphs in this run
+    graphed = GraphedDecoder(model.model, capture=lambda body, tensors: body)  # a CPU "captures" the pass itself
+    for n in (8, 8, 16): model(input_ids=torch.randint(0, 100, (2, n)), labels=torch.randint(0, 100, (2, n)))
+    assert (graph_captures(model), graphed.replays) == (2, 3)  # one capture per batch shape
