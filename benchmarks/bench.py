@@ -425,8 +425,10 @@ class Profiled(TrainerCallback):
 
     def report(self):
         "GPU busy fraction (kernel time / wall) and the top kernels, per step (and the host's top operators)."
-        # CUDA events, less the profiler's own ranges ('Optimizer.step#AdamW.step' spans kernels counted already)
-        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and '#' not in e.name]
+        # CUDA events, less the profiler's own ranges, which span kernels counted already ('Optimizer.step#AdamW.step';
+        # 'ProfilerStep*', each step under a schedule where the host is traced: until 2026-11-23 it was counted too)
+        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and '#' not in e.name
+                   and not e.name.startswith('ProfilerStep')]
         busy, by_name = sum(e.device_time for e in kernels) / 1e6, {}
         for e in kernels: by_name[e.name] = by_name.get(e.name, 0) + e.device_time
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]

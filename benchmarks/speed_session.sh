@@ -11,7 +11,7 @@
 #   bash benchmarks/speed_session.sh bench real            # real lengths, the default model's epoch
 #   bash benchmarks/speed_session.sh bench "t4 mode" profile   # the T4 mode and the profiles
 #   bash benchmarks/speed_session.sh long     # the default model for 300 steps, CUDA graphs (auto) against compiled
-#   bash benchmarks/speed_session.sh shapes   # the 1B and 3B shapes at 2048 x 1: compiled (auto), graphs, plain
+#   bash benchmarks/speed_session.sh shapes   # the 1B, 3B and 8B shapes at 2048 x 1: compiled (auto), graphs, plain
 # Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
 set -uo pipefail
 export QLORA_NB_COMMIT=$(cat .commit 2>/dev/null) PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -29,8 +29,8 @@ case "$1" in
          timeout -s INT 570 python3 benchmarks/bench.py --unsloth-site /tmp/site_u --work /tmp/bench_work \
            --out /tmp/bench.json --only "$@"
          cp /tmp/bench.json "$OUT/" ;;
-  shapes) for sh in 1b 3b; do
-           timeout -s INT 280 python3 benchmarks/bench.py --shape $sh --work /tmp/bench_work --out /tmp/shapes.json \
+  shapes) for sh in 1b 3b 8b; do
+           timeout -s INT 180 python3 benchmarks/bench.py --shape $sh --work /tmp/bench_work --out /tmp/shapes.json \
              --only 2048x1 --skip dropout --recipes qlora_nb --steps 12 --set train.logging_steps=10 \
              --variant graphs=train.cuda_graphs=true --variant plain=train.compile=false,train.cuda_graphs=false \
              | grep -v '^ '
