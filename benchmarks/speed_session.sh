@@ -11,7 +11,8 @@
 #   bash benchmarks/speed_session.sh bench real            # real lengths, the default model's epoch
 #   bash benchmarks/speed_session.sh bench "t4 mode" profile   # the T4 mode and the profiles
 #   bash benchmarks/speed_session.sh long     # the default model for 300 steps, CUDA graphs (auto) against compiled
-#   bash benchmarks/speed_session.sh auto 600 # the default job for 600 steps as `auto` chooses (its summary and history)
+#   bash benchmarks/speed_session.sh auto 600 [NAME KEY=VALUE...]  # the default job for 600 steps as `auto` chooses,
+#                                             # or with these settings (its summary and history)
 #   bash benchmarks/speed_session.sh shapes   # the 1B, 3B and 8B shapes at 2048 x 1: compiled (auto), graphs, plain
 # Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
 set -uo pipefail
@@ -37,10 +38,11 @@ case "$1" in
              | grep -v '^ '
          done
          cp /tmp/shapes.json "$OUT/" ;;
-  auto)  s="--set output.output_dir=/tmp/auto --set output.run_name=auto-$2 --set output.report_to=[]"
+  auto)  name=${3:-auto}-$2; s="--set output.output_dir=/tmp/auto --set output.run_name=$name --set output.report_to=[]"
+         for kv in "${@:4}"; do s="$s --set $kv"; done
          timeout 500 python3 -m qlora_nb.cli train $s --set train.max_steps=$2 > /tmp/auto.log 2>&1; echo "rc $?"
          grep -i "^speed\|error" /tmp/auto.log | head -3 | cut -c1-300
-         cp /tmp/auto/auto-$2/run_summary.json /tmp/auto/auto-$2/training_history.json "$OUT/" ;;
+         cp /tmp/auto/$name/run_summary.json /tmp/auto/$name/training_history.json "$OUT/" ;;
   long)  for r in graphs compiled; do
            s="--set output.output_dir=/tmp/long --set output.run_name=$r --set output.report_to=[] --set train.max_steps=300"
            [ $r = compiled ] && s="$s --set train.compile=true"
