@@ -94,11 +94,16 @@ def sync():
     if torch.cuda.is_available(): torch.cuda.synchronize()
 
 
+def graphed_decoder(model):
+    "The `GraphedDecoder` replaying `model`'s decoder in this run (the decoder's forward), or None."
+    from qlora_nb.train import GraphedDecoder
+    return next((f for m in model.modules() if isinstance(f := vars(m).get('forward'), GraphedDecoder)), None)
+
+
 def graph_captures(model):
     "How many CUDA graphs the run's `GraphedDecoder` captured so far: the steps it captured in are not the steps' speed."
-    from qlora_nb.train import GraphedDecoder
-    graphed = (f for m in model.modules() if isinstance(f := vars(m).get('forward'), GraphedDecoder))
-    return next((g.captures for g in graphed), 0)
+    graphed = graphed_decoder(model)
+    return graphed.captures if graphed else 0
 
 
 def seed_step(model, opt, batch):
@@ -196,13 +201,15 @@ class StepTimer(TrainerCallback):
     """Times the trainer's optimizer steps: it measures, it does not train. On a GPU it records a CUDA event at the end
     of each step and reads them all after the run, so the timing adds no wait for the GPU to the step (until
     2026-11-23 it synchronized at every step end, one wait more than `qlora_nb train` has); on a CPU, the clock."""
-    def __init__(self): self.marks, self.captures = [], []
+    def __init__(self): self.marks, self.captures, self.graphed = [], [], None
     def _mark(self):
         if not torch.cuda.is_available(): return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True); event.record(); return event
-    def on_train_begin(self, args, state, control, **kw): self.marks, self.captures = [self._mark()], [0]
+    def on_train_begin(self, args, state, control, **kw):
+        # looked up once: walking the model's modules at every step end would add host time to the steps it times
+        self.marks, self.captures, self.graphed = [self._mark()], [0], graphed_decoder(kw['model'])
     def on_step_end(self, args, state, control, **kw):
-        self.marks.append(self._mark()); self.captures.append(graph_captures(kw['model']))
+        self.marks.append(self._mark()); self.captures.append(self.graphed.captures if self.graphed else 0)
     def captured(self):
         "For each step, whether it captured a CUDA graph (its time is mostly the capture's)."
         return [b > a for a, b in zip(self.captures, self.captures[1:])]

@@ -88,12 +88,16 @@ def test_graph_captures_counts_the_runs_captures():
     "The profile leaves capturing steps out of its reference: it reads the captures off the model's GraphedDecoder."
     import torch
     sys.path.insert(0, str(ROOT/'benchmarks'))
-    from bench import graph_captures
+    from bench import StepTimer, graph_captures
     from qlora_nb.train import GraphedDecoder
     from qlora_nb.weights import tiny_model_dir
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir()).train()
     assert graph_captures(model) == 0  # no graphs in this run
     graphed = GraphedDecoder(model.model, capture=lambda body, tensors: body)  # a CPU "captures" the pass itself
-    for n in (8, 8, 16): model(input_ids=torch.randint(0, 100, (2, n)), labels=torch.randint(0, 100, (2, n)))
+    timer = StepTimer(); timer.on_train_begin(None, None, None, model=model)  # the timer finds the graphs once
+    for n in (8, 8, 16):
+        model(input_ids=torch.randint(0, 100, (2, n)), labels=torch.randint(0, 100, (2, n)))
+        timer.on_step_end(None, None, None, model=model)
     assert (graph_captures(model), graphed.replays) == (2, 3)  # one capture per batch shape
+    assert timer.captured() == [True, False, True]  # the steps that captured
