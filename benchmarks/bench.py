@@ -49,6 +49,8 @@ def quantize_linears(model, device):
                                           compute_dtype=torch.bfloat16, quant_type='nf4', compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16), requires_grad=False,
                                              quant_type='nf4', compress_statistics=True)
+                if child.bias is not None:  # Qwen2's q, k, v projections
+                    q.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
                 setattr(mod, name, q.to(device))
                 del child
     gc.collect(); torch.cuda.empty_cache() if device.type == 'cuda' else None
@@ -176,7 +178,7 @@ def synthetic_data(vocab, seq, n, seed=0):
 
 # `--shape`: the synthetic cases' name prefix and their config (a function of qlora_nb.model)
 SHAPES = {'8b': ('llama3-8b-shape', 'llama3_8b_config'), '3b': ('llama3.2-3b-shape', 'llama32_3b_config'),
-          '1b': ('llama3.2-1b-shape', 'llama32_1b_config')}
+          '1b': ('llama3.2-1b-shape', 'llama32_1b_config'), '7b': ('qwen2.5-7b-shape', 'qwen25_7b_config')}
 
 SETTINGS = []  # `--set`: product settings for every case of this invocation
 MEMORY_HISTORY = False  # `--memory-history`: where the memory is at the peak of each synthetic product case

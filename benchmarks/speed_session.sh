@@ -13,7 +13,8 @@
 #   bash benchmarks/speed_session.sh long     # the default model for 300 steps, CUDA graphs (auto) against compiled
 #   bash benchmarks/speed_session.sh auto 600 [NAME KEY=VALUE...]  # the default job for 600 steps as `auto` chooses,
 #                                             # or with these settings (its summary and history)
-#   bash benchmarks/speed_session.sh shapes   # the 1B, 3B and 8B shapes at 2048 x 1: compiled (auto), graphs, plain
+#   bash benchmarks/speed_session.sh shapes [1b 3b 7b 8b]  # shapes at 2048 x 1: compiled (auto), graphs, plain
+#   bash benchmarks/speed_session.sh host     # host_profile.py: cProfile of the default job's step (where the host's time goes)
 # Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
 set -uo pipefail
 export QLORA_NB_COMMIT=$(cat .commit 2>/dev/null) PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -31,7 +32,9 @@ case "$1" in
          timeout -s INT 570 python3 benchmarks/bench.py --unsloth-site /tmp/site_u --work /tmp/bench_work \
            --out /tmp/bench.json --only "$@"
          cp /tmp/bench.json "$OUT/" ;;
-  shapes) for sh in 1b 3b 8b; do
+  host)  shift
+         timeout -s INT 570 python3 benchmarks/host_profile.py --out "$OUT/host-profile.json" "$@" 2>&1 | grep -iv warn | tail -60 ;;
+  shapes) shift; for sh in ${@:-1b 3b 8b}; do
            timeout -s INT 180 python3 benchmarks/bench.py --shape $sh --work /tmp/bench_work --out /tmp/shapes.json \
              --only 2048x1 --skip dropout --recipes qlora_nb --steps 12 --set train.logging_steps=10 \
              --variant graphs=train.cuda_graphs=true --variant plain=train.compile=false,train.cuda_graphs=false \

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAD_CANDIDATES', 'quant_config', 'fix_pad_token', 'load_tokenizer', 'load_model', 'MemoryLog', 'weight_footprint',
-           'footprint_from_config', 'llama3_8b_config', 'llama32_3b_config', 'llama32_1b_config', 'footprint_table',
-           'compare_logits']
+           'footprint_from_config', 'llama3_8b_config', 'llama32_3b_config', 'llama32_1b_config', 'qwen25_7b_config',
+           'footprint_table', 'compare_logits']
 
 # %% ../nbs/02_model.ipynb #0dde7179
 import gc, importlib.util, os, warnings
@@ -140,7 +140,7 @@ def footprint_from_config(c, bits:int=4, double_quant:bool=True, r:int=16, targe
             'logits + grad (fp32)': 2 * 4 * tokens * c.vocab_size}
 
 # %% ../nbs/02_model.ipynb #fe7aa902
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config
 
 def llama3_8b_config():
     return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -153,6 +153,11 @@ def llama32_3b_config():
 def llama32_1b_config():
     return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+
+def qwen25_7b_config():
+    "Qwen2.5-7B's shape: between the 3B and 8B widths (3,584), with biased q, k, v projections."
+    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
 
 # %% ../nbs/02_model.ipynb #a3125fab
 def footprint_table(configs:dict, **kwargs) -> 'pd.DataFrame':
