@@ -10,10 +10,10 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'NoCudnnAttention', 'compile_layers', 'recompute_everything', 'checkpoints_inside_compile',
            'keep_only_layer_inputs', 'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass',
            'graph_capture', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer',
-           'graphs_instead_of_compile', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json',
-           'in_notebook', 'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line',
-           'last_complete_checkpoint', 'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train',
-           'StopAtStep']
+           'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged', 'OutOfMemory',
+           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
+           'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
+           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -334,7 +334,8 @@ def every_position_scored():
 # %% ../nbs/04_training.ipynb #023295ae
 class SyncFreeSFTTrainer(SFTTrainer):
     "TRL's SFTTrainer, whose training steps keep their logged metrics on the device until a log."
-    def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs); self._step_counts = []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs); self._step_counts, self._walks, self._flos_params = [], None, None
 
     def _plain_step(self) -> bool:
         "A training step of TRL's plain loss: the case this class computes itself."
@@ -383,6 +384,53 @@ def graphs_instead_of_compile(cfg:RunConfig, model_config, checkpointed:bool, pa
     narrow = model_config.get_text_config().hidden_size < COMPILE_MIN_HIDDEN
     return narrow and use_cuda_graphs(cfg, False, checkpointed, passes, train_ds)
 
+
+# %% ../nbs/04_training.ipynb #f5684625
+class ModelWalks:
+    "`model`'s modules and trained parameters, listed once: what transformers' loop walks the model for every step."
+    def __init__(self, model): self.model = model; self.listed()
+    def listed(self):
+        self.modules = list(self.model.modules())
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        return self
+    def all_training(self) -> bool: return all(m.training for m in self.modules)
+
+# %% ../nbs/04_training.ipynb #a71a085a
+@contextmanager
+def walks_once(model, walks:ModelWalks):
+    "`model.train()` and `model.zero_grad()` answered from `walks`' lists while the block runs."
+    real_train, real_zero_grad = model.train, model.zero_grad
+    def train(mode:bool=True):
+        if mode and walks.all_training(): return model
+        out = real_train(mode); walks.listed(); return out
+    def zero_grad(set_to_none:bool=True):
+        if not set_to_none: return real_zero_grad(False)
+        for p in walks.trained: p.grad = None
+    with patch.object(model, 'train', train), patch.object(model, 'zero_grad', zero_grad): yield walks
+
+# %% ../nbs/04_training.ipynb #1a24a7cb
+from accelerate.utils import DistributedType
+
+@patch_to(SyncFreeSFTTrainer)
+def train(self, *args, **kwargs):
+    self._walks = ModelWalks(self.model)
+    try:
+        with walks_once(self.model, self._walks): return super(SyncFreeSFTTrainer, self).train(*args, **kwargs)
+    finally: self._walks = None
+
+@patch_to(SyncFreeSFTTrainer)
+def floating_point_ops(self, inputs:dict) -> int:
+    "transformers' estimate, 6 x input tokens x parameters (embeddings aside), with the parameters counted once."
+    main = getattr(self.model, 'main_input_name', 'input_ids')
+    if main not in inputs or not hasattr(self.model, 'num_parameters'): return 0
+    if self._flos_params is None: self._flos_params = self.model.num_parameters(exclude_embeddings=True)
+    return 6 * inputs[main].numel() * self._flos_params
+
+@patch_to(SyncFreeSFTTrainer)
+def _clip_grad_norm(self, model):
+    plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    if self._walks is None or not plain: return super(SyncFreeSFTTrainer, self)._clip_grad_norm(model)
+    return self.accelerator.clip_grad_norm_(self._walks.trained, self.args.max_grad_norm)
 
 # %% ../nbs/04_training.ipynb #b00a33df
 class TrainingDiverged(RuntimeError):
