@@ -8,12 +8,15 @@ fourth epoch traced), with the waits put back one by one, side by side in one pr
 * `compact head`: the same with TRL's head picking the trained positions (four waits per step);
 * `trl metrics`: TRL's own `compute_loss` and `log` (five waits per micro-batch more, the compact head);
 * `blocking copies`: the product with accelerate's default, a blocking copy of each batch;
-* `before`: the product before 2026-11-23 (TRL's metrics and head, blocking copies).
+* `before`: the product before 2026-11-23 (TRL's metrics and head, blocking copies);
+* `module walks`: the product with transformers' own bookkeeping, which walks every module of the model each step
+  (its FLOP count, `model.train()`, clipping and zeroing over all parameters), as before `ModelWalks` (04).
 
 Each arm runs `--repeats` times, interleaved. Then one more run of the product under
 `torch.cuda.set_sync_debug_mode('warn')` over the same window lists every wait left, by the line that asked for it.
 
     python benchmarks/host_waits.py --out benchmarks/results/host-waits-<gpu>-<date>.json
+    python benchmarks/host_waits.py --arms product "module walks" --out ...   # the arms named
     python benchmarks/host_waits.py --tiny     # anywhere: the same code on the tiny model (a CPU has no waits to list)
 """
 import argparse, collections, json, sys, warnings
@@ -39,6 +42,10 @@ def waits_put_back(arm):
     if arm in ('trl metrics', 'before'):
         patches.append(patch.multiple(product.SyncFreeSFTTrainer, compute_loss=SFTTrainer.compute_loss,
                                       log=SFTTrainer.log))
+    if arm == 'module walks':
+        patches.append(patch.multiple(product.SyncFreeSFTTrainer, train=SFTTrainer.train,
+                                      floating_point_ops=SFTTrainer.floating_point_ops,
+                                      _clip_grad_norm=SFTTrainer._clip_grad_norm))
     if arm in ('blocking copies', 'before'):
         shipped = product.sft_config
         blocking = lambda cfg, compiled=False, **kw: shipped(cfg, compiled, **{**kw, 'accelerator_config': {'non_blocking': False}})

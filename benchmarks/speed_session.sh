@@ -6,7 +6,7 @@
 # .commit (`git rev-parse HEAD > .commit` here: the copy there has no git history).
 #   bash benchmarks/speed_session.sh setup     # carry .whl .whlu
 #   bash benchmarks/speed_session.sh part      # carry .m1, then again with .m2
-#   bash benchmarks/speed_session.sh waits     # host_waits.py: what each wait for the GPU costs the default job
+#   bash benchmarks/speed_session.sh waits [--arms ...]  # host_waits.py: what each wait for the GPU costs the default job
 #   bash benchmarks/speed_session.sh bench 2048x1          # bench.py, the 8B shape at 2048 x 1 (Unsloth beside)
 #   bash benchmarks/speed_session.sh bench real            # real lengths, the default model's epoch
 #   bash benchmarks/speed_session.sh bench "t4 mode" profile   # the T4 mode and the profiles
@@ -27,7 +27,7 @@ case "$1" in
          python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u .whlu/*.whl
          nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
-  waits) timeout -s INT 570 python3 benchmarks/host_waits.py --out "$OUT/host-waits.json" ;;
+  waits) shift; timeout -s INT 570 python3 benchmarks/host_waits.py --out "$OUT/host-waits.json" "$@" ;;
   bench) shift
          timeout -s INT 570 python3 benchmarks/bench.py --unsloth-site /tmp/site_u --work /tmp/bench_work \
            --out /tmp/bench.json --only "$@"
