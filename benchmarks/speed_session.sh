@@ -13,7 +13,8 @@
 #   bash benchmarks/speed_session.sh long     # the default model for 300 steps, CUDA graphs (auto) against compiled
 #   bash benchmarks/speed_session.sh auto 600 [NAME KEY=VALUE...]  # the default job for 600 steps as `auto` chooses,
 #                                             # or with these settings (its summary and history)
-#   bash benchmarks/speed_session.sh shapes [1b 3b 7b 8b]  # shapes at 2048 x 1: compiled (auto), graphs, plain
+#   bash benchmarks/speed_session.sh shapes [1b 3b 7b 8b]  # shapes at 2048 x 1: auto, graphs, plain, compiled
+#                                             # (SHAPES_FILE=name: another file, for a repeat)
 #   bash benchmarks/speed_session.sh host     # host_profile.py: cProfile of the default job's step (where the host's time goes)
 # Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
 set -uo pipefail
@@ -35,12 +36,13 @@ case "$1" in
   host)  shift
          timeout -s INT 570 python3 benchmarks/host_profile.py --out "$OUT/host-profile.json" "$@" 2>&1 | grep -iv warn | tail -60 ;;
   shapes) shift; for sh in ${@:-1b 3b 8b}; do
-           timeout -s INT 180 python3 benchmarks/bench.py --shape $sh --work /tmp/bench_work --out /tmp/shapes.json \
+           timeout -s INT 240 python3 benchmarks/bench.py --shape $sh --work /tmp/bench_work --out /tmp/${SHAPES_FILE:-shapes}.json \
              --only 2048x1 --skip dropout --recipes qlora_nb --steps 12 --set train.logging_steps=10 \
              --variant graphs=train.cuda_graphs=true --variant plain=train.compile=false,train.cuda_graphs=false \
+             --variant compiled=train.compile=true \
              | grep -v '^ '
          done
-         cp /tmp/shapes.json "$OUT/" ;;
+         cp /tmp/${SHAPES_FILE:-shapes}.json "$OUT/" ;;
   auto)  name=${3:-auto}-$2; s="--set output.output_dir=/tmp/auto --set output.run_name=$name --set output.report_to=[]"
          for kv in "${@:4}"; do s="$s --set $kv"; done
          timeout 500 python3 -m qlora_nb.cli train $s --set train.max_steps=$2 > /tmp/auto.log 2>&1; echo "rc $?"
