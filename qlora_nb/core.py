@@ -118,7 +118,7 @@ class TrainSettings:
     gradient_checkpointing: Union[bool, str] = 'auto'  # True, False, or 'auto': off when it fits the memory budget
     memory_budget_gib: Optional[float] = None  # for 'auto' checkpointing; None: the GPU's (or RAM's) free memory
     liger: Union[bool, str] = 'auto'  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); 'auto': on a GPU when installed
-    compile: Union[bool, str] = 'auto'  # torch.compile each decoder layer; 'auto': GPU, one process, 500+ passes, 4096+ wide (04)
+    compile: Union[bool, str] = 'auto'  # torch.compile each decoder layer; 'auto': GPU, one process, 500+ passes, 3584+ wide (04)
     cuda_graphs: Union[bool, str] = 'auto'  # the decoder's passes as CUDA graphs; 'auto': GPU, uncompiled, pays (04)
     fold_accumulation: Union[bool, str] = 'auto'  # accumulated micro-batches as one pass; 'auto': GPU, when it fits (04)
     activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass (04)

@@ -375,9 +375,10 @@ def log(self, logs:dict, start_time=None):
     super(SyncFreeSFTTrainer, self).log(logs, start_time)
 
 # %% ../nbs/04_training.ipynb #a1ebb696
-# Compiled layers against CUDA graphs on an H200, 2048 x 1 (04, `shapes-h200-2026-11-23.json`): graphs 1.6-2.0x faster
-# at hidden size 2048 (1B shape), 1.5-2.1x at 3072 (3B); at 4096 (8B) within the hosts' spread (0.86-1.03x)
-COMPILE_MIN_HIDDEN = 4096
+# Compiled layers against CUDA graphs on an H200, 2048 x 1 (04, `shapes-h200-2026-11-23*.json`): graphs 1.6-2.0x faster
+# at hidden size 2048 (1B shape), 1.3-2.1x at 3072 (3B); compiled 1.22-1.26x faster at 3584 (Qwen2.5-7B shape), 0.86-1.25x
+# at 4096 (8B)
+COMPILE_MIN_HIDDEN = 3584
 
 def graphs_instead_of_compile(cfg:RunConfig, model_config, checkpointed:bool, passes:int, train_ds=None) -> bool:
     "Whether `auto` leaves a run to CUDA graphs rather than compiled layers: a narrow model, where graphs run and pay."
@@ -385,7 +386,7 @@ def graphs_instead_of_compile(cfg:RunConfig, model_config, checkpointed:bool, pa
     return narrow and use_cuda_graphs(cfg, False, checkpointed, passes, train_ds)
 
 
-# %% ../nbs/04_training.ipynb #f5684625
+# %% ../nbs/04_training.ipynb #65730710
 class ModelWalks:
     "`model`'s modules and trained parameters, listed once: what transformers' loop walks the model for every step."
     def __init__(self, model): self.model = model; self.listed()
@@ -395,7 +396,7 @@ class ModelWalks:
         return self
     def all_training(self) -> bool: return all(m.training for m in self.modules)
 
-# %% ../nbs/04_training.ipynb #a71a085a
+# %% ../nbs/04_training.ipynb #0c560ec8
 @contextmanager
 def walks_once(model, walks:ModelWalks):
     "`model.train()` and `model.zero_grad()` answered from `walks`' lists while the block runs."
@@ -408,7 +409,7 @@ def walks_once(model, walks:ModelWalks):
         for p in walks.trained: p.grad = None
     with patch.object(model, 'train', train), patch.object(model, 'zero_grad', zero_grad): yield walks
 
-# %% ../nbs/04_training.ipynb #1a24a7cb
+# %% ../nbs/04_training.ipynb #58607da7
 from accelerate.utils import DistributedType
 
 @patch_to(SyncFreeSFTTrainer)

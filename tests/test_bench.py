@@ -101,3 +101,31 @@ def test_graph_captures_counts_the_runs_captures():
         timer.on_step_end(None, None, None, model=model)
     assert (graph_captures(model), graphed.replays) == (2, 3)  # one capture per batch shape
     assert timer.captured() == [True, False, True]  # the steps that captured
+
+
+def test_module_walks_arm_puts_transformers_bookkeeping_back():
+    "host_waits.py's 'module walks' arm runs transformers' own per-step bookkeeping, and the product is whole after it."
+    from contextlib import ExitStack
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import host_waits
+    from trl import SFTTrainer
+    from qlora_nb.train import SyncFreeSFTTrainer
+    names = ('train', 'floating_point_ops', '_clip_grad_norm')
+    shipped = [vars(SyncFreeSFTTrainer)[n] for n in names]
+    with ExitStack() as stack:
+        for p in host_waits.waits_put_back('module walks'): stack.enter_context(p)
+        assert [getattr(SyncFreeSFTTrainer, n) for n in names] == [getattr(SFTTrainer, n) for n in names]
+    assert [vars(SyncFreeSFTTrainer)[n] for n in names] == shipped
+    assert all(getattr(SFTTrainer, n) is not s for n, s in zip(names, shipped))
+
+
+def test_host_profile_names_where_the_host_time_goes(tmp_path):
+    "host_profile.py profiles the default job's window on the tiny model and reports functions and packages by share."
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import host_profile
+    res = host_profile.main(['--tiny', '--out', str(tmp_path/'hp.json')])
+    assert json.loads((tmp_path/'hp.json').read_text())['profiled_step_ms'] == res['profiled_step_ms'] > 0
+    assert abs(sum(res['own_share_by_package'].values()) - 1) < 1e-6 and 'torch (C)' in res['own_share_by_package']
+    assert res['top_own'][0]['own_ms_per_step'] >= res['top_own'][-1]['own_ms_per_step'] > 0
+    assert any(r['function'].startswith('train.py:') for r in res['top_cumulative'])  # the product's own calls, named
+    assert res['untraced_step_ms'] > 0 and res['window'] == host_profile.bench.TINY_PROFILE_WINDOW
