@@ -122,6 +122,7 @@ class TrainSettings:
     cuda_graphs: Union[bool, str] = 'auto'  # the decoder's passes as CUDA graphs; 'auto': GPU, uncompiled, pays (04)
     fold_accumulation: Union[bool, str] = 'auto'  # accumulated micro-batches as one pass; 'auto': GPU, when it fits (04)
     activation_offloading: bool = False  # TRL's: keep activations in CPU memory until the backward pass (04)
+    embedding_on_cpu: Union[bool, str] = 'auto'  # an untied input embedding in CPU memory; 'auto': when checkpointing (04)
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 100
@@ -215,7 +216,7 @@ _choices = {'quant.bits': (4, 8, 16), 'quant.quant_type': ('nf4', 'fp4'),
             'train.gradient_checkpointing': (True, False, 'auto'), 'train.liger': (True, False, 'auto'),
             'train.compile': (True, False, 'auto'), 'train.activation_offloading': (True, False),
             'train.cuda_graphs': (True, False, 'auto'),
-            'train.fold_accumulation': (True, False, 'auto'),
+            'train.fold_accumulation': (True, False, 'auto'), 'train.embedding_on_cpu': (True, False, 'auto'),
             'train.distributed': ('ddp', 'fsdp')}
 _rules = [('lora.r', lambda v: v > 0, 'must be > 0'), ('lora.lora_alpha', lambda v: v > 0, 'must be > 0'),
           ('lora.lora_dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)'),

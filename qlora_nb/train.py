@@ -8,12 +8,13 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'is_checkpointed',
            'fold_accumulation', 'add_run_lora', 'is_liger', 'model_module', 'unpatch_liger', 'LigerForThisRun',
            'NoCudnnAttention', 'compile_layers', 'recompute_everything', 'checkpoints_inside_compile',
-           'keep_only_layer_inputs', 'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass',
-           'graph_capture', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer',
-           'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged', 'OutOfMemory',
-           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
-           'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
-           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'keep_only_layer_inputs', 'HostEmbedding', 'is_tied', 'embedding_to_host', 'embedding_back',
+           'LookedUpOnHost', 'EmbeddingBackAtEnd', 'embedding_on_host', 'host_embedding_refusals', 'use_host_embedding',
+           'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder',
+           'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer', 'graphs_instead_of_compile', 'ModelWalks',
+           'walks_once', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
+           'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint',
+           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -231,6 +232,72 @@ def keep_only_layer_inputs(model):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     enable_checkpointing(model, context_fn=partial(create_selective_checkpoint_contexts, recompute_everything))
 
+# %% ../nbs/04_training.ipynb #5ba9510e
+class HostEmbedding(torch.nn.Module):
+    "A model's input embedding kept in CPU memory: it looks tokens up there, and answers on their device."
+    def __init__(self, embedding:torch.nn.Module):
+        super().__init__()
+        # not registered: the model's parameters, and what `model.device` reads from the first, stay on the GPU
+        self.__dict__['host'] = embedding.to('cpu')
+    @property
+    def weight(self): return self.host.weight
+    def forward(self, input_ids):  # tokens on the GPU (generation) cost a wait; the collator's are already here
+        return self.host(input_ids.to('cpu')).to(input_ids.device, non_blocking=True)
+
+# %% ../nbs/04_training.ipynb #aa4eb2d9
+def is_tied(model) -> bool:
+    "Whether `model`'s LM head is its input embedding (so the embedding must stay where the head runs)."
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is emb.weight
+
+def embedding_to_host(model) -> HostEmbedding:
+    "Move `model`'s input embedding to CPU memory, where `HostEmbedding` looks tokens up."
+    emb = model.get_input_embeddings()
+    if isinstance(emb, HostEmbedding): return emb
+    if is_tied(model): raise ValueError('train.embedding_on_cpu: this model ties its LM head to the input '
+                                        'embedding, which must stay on the GPU with the head')
+    host = HostEmbedding(emb); model.set_input_embeddings(host)
+    return host
+
+def embedding_back(model):
+    "Put `model`'s input embedding back on the device of its other parameters (generation, merging, export)."
+    emb = model.get_input_embeddings()
+    if isinstance(emb, HostEmbedding): model.set_input_embeddings(emb.host.to(next(model.parameters()).device))
+
+# %% ../nbs/04_training.ipynb #12964d16
+class LookedUpOnHost:
+    "A data collator whose batches carry the tokens' `inputs_embeds`, looked up in CPU memory, not `input_ids`."
+    def __init__(self, collate, embedding:HostEmbedding): self.collate, self.embedding = collate, embedding
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        with torch.no_grad(): batch['inputs_embeds'] = self.embedding(batch.pop('input_ids'))
+        return batch
+
+class EmbeddingBackAtEnd(TrainerCallback):
+    "At the end of training the model gets its input embedding back, for what follows (generation, merging)."
+    def on_train_end(self, args, state, control, model=None, **kw): embedding_back(model)
+
+def embedding_on_host(trainer):
+    "Train `trainer`'s model with its input embedding in CPU memory, and give it back when training ends."
+    trainer.data_collator = LookedUpOnHost(trainer.data_collator, embedding_to_host(trainer.model))
+    trainer.add_callback(EmbeddingBackAtEnd())
+
+# %% ../nbs/04_training.ipynb #8e2943cf
+def host_embedding_refusals(model, graphed:bool=False) -> list[str]:
+    "Why `model`'s input embedding cannot train from CPU memory in this run."
+    return [why for refused, why in [
+        (not torch.cuda.is_available(), 'it frees GPU memory, and there is no CUDA GPU here'),
+        (is_tied(model), 'the model ties its LM head to the input embedding, which must stay on the GPU with the head'),
+        (world_size() > 1, 'one process only: not measured under DDP or FSDP'),
+        (graphed, 'CUDA graphs (train.cuda_graphs) replay the decoder from token ids; set train.cuda_graphs=false')]
+        if refused]
+
+def use_host_embedding(cfg:RunConfig, model, checkpointed:bool, graphed:bool=False) -> bool:
+    "Whether the run keeps `model`'s input embedding in CPU memory: `train.embedding_on_cpu`; 'auto' when checkpointed."
+    refusals, want = host_embedding_refusals(model, graphed), cfg.train.embedding_on_cpu
+    if want is True and refusals: raise ValueError('train.embedding_on_cpu=true: ' + '; '.join(refusals))
+    return not refusals and (want is True or (want == 'auto' and checkpointed))
+
 # %% ../nbs/04_training.ipynb #caf705a9
 CUDA_GRAPH_PAD = 128  # tokens: the lengths a batch is padded to, so that a few captured shapes cover every batch
 # On an H200, capturing a shape of the default job cost about two plain steps and each replay saved most of one:
@@ -423,9 +490,12 @@ def train(self, *args, **kwargs):
 def floating_point_ops(self, inputs:dict) -> int:
     "transformers' estimate, 6 x input tokens x parameters (embeddings aside), with the parameters counted once."
     main = getattr(self.model, 'main_input_name', 'input_ids')
-    if main not in inputs or not hasattr(self.model, 'num_parameters'): return 0
+    # a batch looked up in CPU memory (`embedding_on_host` below) brings its tokens as embeddings
+    tokens = inputs[main].numel() if main in inputs else inputs['inputs_embeds'][..., 0].numel() \
+        if 'inputs_embeds' in inputs else 0
+    if not tokens or not hasattr(self.model, 'num_parameters'): return 0
     if self._flos_params is None: self._flos_params = self.model.num_parameters(exclude_embeddings=True)
-    return 6 * inputs[main].numel() * self._flos_params
+    return 6 * tokens * self._flos_params
 
 @patch_to(SyncFreeSFTTrainer)
 def _clip_grad_norm(self, model):
@@ -537,6 +607,7 @@ def speed_choices(trainer) -> dict:
     a, g = trainer.args, trainer.graphed
     return {'per_device_batch': a.per_device_train_batch_size, 'accumulation': a.gradient_accumulation_steps,
             'checkpointing': is_checkpointed(trainer.model), 'compile': trainer.compiled_layers,
+            'embedding_on_cpu': getattr(trainer, 'embedding_on_cpu', False),
             'liger': a.use_liger_kernel, 'cuda_graphs': g is not None,
             'optim': getattr(a.optim, 'value', a.optim),  # the name, not transformers' enum
             **({'cuda_graph_passes': {'captures': g.captures, 'replays': g.replays, 'eager': g.eager_calls,
@@ -549,8 +620,9 @@ def speed_line(choices:dict) -> str:
     p = choices.get('cuda_graph_passes') or {}
     ran = f" ({p['captures']} captures, {p['replays']} replays)" if p.get('captures') else ''
     failed = f" (capture failed: {p['failed']})" if p.get('failed') else ''
+    host = ' with the input embedding in CPU memory' if choices.get('embedding_on_cpu') else ''
     return (f"batch {choices['per_device_batch']} x accumulation {choices['accumulation']}, checkpointing "
-            f"{on('checkpointing')}, compiled layers {on('compile')}, Liger {on('liger')}, CUDA graphs "
+            f"{on('checkpointing')}{host}, compiled layers {on('compile')}, Liger {on('liger')}, CUDA graphs "
             f"{on('cuda_graphs')}{ran}{failed}, optimizer {choices['optim']}")
 
 # %% ../nbs/04_training.ipynb #9d3acf68
@@ -630,6 +702,8 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
         backbone = trainer.model.get_base_model().base_model
         trainer.graphed = GraphedDecoder(backbone, strict=cfg.train.cuda_graphs is True)
         trainer.add_callback(GraphsForThisRun(trainer.graphed))
+    trainer.embedding_on_cpu = use_host_embedding(cfg, trainer.model, checkpointed, graphed)
+    if trainer.embedding_on_cpu: embedding_on_host(trainer)
     if compiled and checkpointed and checkpoints_inside_compile(): keep_only_layer_inputs(trainer.model)
     if compiled:  # batches of different lengths share one shape-generic graph instead of compiling again
         lengths_vary = cfg.data.packing or len(set(map(len, train_ds['input_ids']))) > 1
