@@ -489,10 +489,9 @@ def train(self, *args, **kwargs):
 @patch_to(SyncFreeSFTTrainer)
 def floating_point_ops(self, inputs:dict) -> int:
     "transformers' estimate, 6 x input tokens x parameters (embeddings aside), with the parameters counted once."
-    main = getattr(self.model, 'main_input_name', 'input_ids')
     # a batch looked up in CPU memory (`embedding_on_host` below) brings its tokens as embeddings
-    tokens = inputs[main].numel() if main in inputs else inputs['inputs_embeds'][..., 0].numel() \
-        if 'inputs_embeds' in inputs else 0
+    ids = inputs.get(getattr(self.model, 'main_input_name', 'input_ids'), inputs.get('inputs_embeds'))
+    tokens = 0 if ids is None else ids.shape[:2].numel()
     if not tokens or not hasattr(self.model, 'num_parameters'): return 0
     if self._flos_params is None: self._flos_params = self.model.num_parameters(exclude_embeddings=True)
     return 6 * tokens * self._flos_params
