@@ -184,12 +184,14 @@ SETTINGS = []  # `--set`: product settings for every case of this invocation
 MEMORY_HISTORY = False  # `--memory-history`: where the memory is at the peak of each synthetic product case
 
 def product_config(work, name, seq, batch, accum=1, steps=-1, dropout=0.05, model='default', extra=()):
-    "The product's run config for a benchmark case: its defaults, with the case's shape and the shared LoRA."
+    """The product's run config for a benchmark case: its defaults, with the case's shape and the shared LoRA. It logs
+    as users' runs log (`train.logging_steps`' default): until 2026-11-24 every step, one more wait for the GPU per step
+    than users have (the real-length and 8B cases; the default job's cases log as users' since 2026-11-23)."""
     from qlora_nb.core import load_config
     return load_config(overrides=[f'model.name={model}', f'output.output_dir={work}', f'output.run_name={name}',
         'output.report_to=[]', f'data.max_seq_length={seq}', f'train.per_device_train_batch_size={batch}',
         f'train.gradient_accumulation_steps={accum}', f'train.max_steps={steps}', 'train.num_train_epochs=1',
-        'train.learning_rate=2e-4', 'train.logging_steps=1', 'train.eval_steps=1000000', 'train.save_steps=1000000',
+        'train.learning_rate=2e-4', 'train.eval_steps=1000000', 'train.save_steps=1000000',
         f'lora.lora_dropout={dropout}', f'lora.target_modules={TARGETS}', 'lora.r=16', 'lora.lora_alpha=32',
         'train.seed=0', *SETTINGS, *extra])
 
@@ -340,13 +342,27 @@ def seed_epoch(model, tok, data, max_len, device):
     return time.perf_counter() - t, padded, real, losses
 
 
+class TokensPerBatch:
+    """A data collator that counts each batch's real tokens (under the attention mask, as TRL counts them) as it makes
+    it, on the host: the epoch's tokens without reading the GPU at any step."""
+    def __init__(self, collate): self.collate, self.tokens = collate, []
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        self.tokens.append(int(batch['attention_mask'].sum()))
+        return batch
+
+
 def product_epoch(cfg, model, tok, data):
-    "The product's epoch; wall time and real tokens from the second step on, as `seed_epoch`."
+    """The product's epoch; wall time and real tokens from the second step on, as `seed_epoch` (one step a batch:
+    the real cases train without accumulation). The losses are the logged ones; the notes add the steps and their mean."""
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
-    trainer.train(); notes |= chosen(trainer)
-    logged = [h for h in trainer.state.log_history if 'loss' in h]
-    real = logged[-1]['num_tokens'] - logged[0]['num_tokens']  # TRL counts the tokens under the attention mask
-    return trainer.model, timer.times[-1] - timer.times[0], real, [h['loss'] for h in logged], notes
+    trainer.data_collator = counted = TokensPerBatch(trainer.data_collator)
+    out = trainer.train(); notes |= chosen(trainer)
+    steps = trainer.state.global_step  # the training batches come first; the evaluation at the end collates more
+    assert len(timer.times) == steps <= len(counted.tokens), (steps, len(timer.times), len(counted.tokens))
+    notes |= {'steps': steps, 'mean_train_loss': out.training_loss}
+    losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
+    return trainer.model, timer.times[-1] - timer.times[0], sum(counted.tokens[1:steps]), losses, notes
 
 
 def float32_eval(model_path, adapter, tok, ds):
@@ -375,8 +391,8 @@ def real_case(recipe, tok, data, device, max_len, work, shape=None, model_path=N
         cfg = product_config(work, f'real-{"shape" if shape else "model"}', max_len, 4, model=model_path or 'default')
         model, dt, real, losses, notes = product_epoch(cfg, model, tok, data)
     res = {'recipe': recipe, 'examples': len(data.splits['train']), 'steps': len(losses), 'epoch_s': dt,
-           'tokens_per_s_real': real / dt, 'peak_gib': peak_gib(), 'first_train_loss': losses[0],
-           'final_train_loss': losses[-1], **notes}
+           'tokens_per_s_real': real / dt, 'peak_gib': peak_gib(),
+           'first_train_loss': losses[0] if losses else None, 'final_train_loss': losses[-1] if losses else None, **notes}
     if not shape:
         model.eval(); ev = response_perplexity(model, tok, data.splits['validation'], batch_size=4)
         adapter = Path(work)/f'real-model-{recipe}-adapter'; model.save_pretrained(adapter)
@@ -496,6 +512,18 @@ def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
     trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps),
                                             [StopAfter(2 + steps)])
     cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train(); notes |= chosen(trainer)
+    del model, trainer; reset_memory()
+    return {**cb.report(), **notes}
+
+
+def profile_real(config, tok, data, device, max_len, work, first=3, steps=8):
+    """The 8B shape's real-length epoch (`real_case`'s product run) with steps `first` + 1 to `first` + `steps`
+    traced on the GPU alone: how busy the GPU is in an epoch of short, varied batches."""
+    reset_memory(); torch.manual_seed(0); model = random_4bit_model(config, device); reset_memory()
+    cfg = product_config(work, 'profile-real-shape', max_len, 4)
+    trainer, timer, notes = product_trainer(cfg, model, tok, data)
+    cb = Profiled(first, steps, cpu=False); trainer.add_callback(cb); trainer.train(); notes |= chosen(trainer)
+    notes['step_s'] = [round(b - a, 4) for a, b in zip([timer.start, *timer.times], timer.times)]
     del model, trainer; reset_memory()
     return {**cb.report(), **notes}
 
@@ -631,6 +659,7 @@ def main(argv=None):
                                          profile_case(model_path, max_len, work, extra=o)}
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}
+        cases[f'profile {named} real lengths'] = {'qlora_nb': lambda r: profile_real(shape, tok, data, device, max_len, work)}
     for name, recipes in cases.items():
         if args.only and not any(w in name for w in args.only): continue
         if any(w in name for w in args.skip): continue

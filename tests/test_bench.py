@@ -129,3 +129,25 @@ def test_host_profile_names_where_the_host_time_goes(tmp_path):
     assert res['top_own'][0]['own_ms_per_step'] >= res['top_own'][-1]['own_ms_per_step'] > 0
     assert any(r['function'].startswith('train.py:') for r in res['top_cumulative'])  # the product's own calls, named
     assert res['untraced_step_ms'] > 0 and res['window'] == host_profile.bench.TINY_PROFILE_WINDOW
+
+
+def test_real_epoch_counts_the_tokens_trl_counts(tmp_path):
+    """The real-length epoch logs as users' runs log and counts its real tokens on the host, batch by batch: the
+    same count as TRL's own `num_tokens` from a run that logs every step (steps 2 to the end, as the seed's)."""
+    import torch
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import bench
+    from qlora_nb.weights import tiny_model_dir
+    from transformers import AutoModelForCausalLM
+    tok, data = bench.real_rows(str(tiny_model_dir()), 512, 12)
+    def epoch(name, extra=()):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+        cfg = bench.product_config(tmp_path, name, 512, 4, model=str(tiny_model_dir()), extra=extra)
+        return cfg, bench.product_epoch(cfg, model, tok, data)
+    cfg, (_, _, real, losses, notes) = epoch('default')
+    assert cfg.train.logging_steps > notes['steps'] == 3 and losses == []  # no log inside this short epoch
+    _, (_, _, real_logged, logged, _) = epoch('logged', ['train.logging_steps=1'])
+    history = json.loads((tmp_path/'logged'/'training_history.json').read_text())
+    seen = [h['num_tokens'] for h in history if 'loss' in h]  # TRL's running count, after each step
+    assert len(logged) == len(seen) == 3 and 0 < real == real_logged == seen[-1] - seen[0]
