@@ -192,8 +192,9 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     build_s, build_peak = time.perf_counter() - t0, peak_gib()
     reset_memory()  # the peak of training, not of building the random model (FSDP shards it when the trainer starts)
     big = ['train.gradient_checkpointing=true'] if name in LADDER else []  # 'auto' does not know FSDP shards the weights
+    # every step logged: the loss comparison reads the first 20 steps' losses, and the tokens/s TRL's token count
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
-                         extra=[f'train.distributed={distributed}', *big, *overrides])
+                         extra=['train.logging_steps=1', f'train.distributed={distributed}', *big, *overrides])
     trainer, timer, choices = product_trainer(cfg, model, tok, data)
     peak = TrainPeak(); trainer.add_callback(peak)
     if profile: trainer.add_callback(StepProfile(f'{out_prefix}.rank{rank}.prof.txt', min(6, steps - 3), min(9, steps)))

@@ -4,7 +4,7 @@
 # calls; $OUT is fresh in each). Carried: .whl/ (the wheels the machine lacks), .whlu/ (Unsloth's, installed apart
 # because it pins older trl and datasets), the default model's GGUF in parts (.m1, .m2: one call carries 64 MiB), and
 # .commit (`git rev-parse HEAD > .commit` here: the copy there has no git history).
-#   bash benchmarks/speed_session.sh setup     # carry .whl .whlu
+#   bash benchmarks/speed_session.sh setup     # carry .whl, then again with .whlu (fastcore among .whl's wheels)
 #   bash benchmarks/speed_session.sh part      # carry .m1, then again with .m2
 #   bash benchmarks/speed_session.sh waits [--arms ...]  # host_waits.py: what each wait for the GPU costs the default job
 #   bash benchmarks/speed_session.sh bench 2048x1          # bench.py, the 8B shape at 2048 x 1 (Unsloth beside)
@@ -24,8 +24,9 @@ export TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 UNSLOTH_DISABLE_STATISTICS=1
 mkdir -p /tmp/model
 [ "$1" = setup ] || [ "$1" = part ] || [ -f "$QLORA_NB_GGUF" ] || cat /tmp/model/part.* > "$QLORA_NB_GGUF"
 case "$1" in
-  setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u .whlu/*.whl
+  setup) # .whl and .whlu together pass the 64 MiB a call carries: one call each, installing what it carried
+         [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+         [ -d .whlu ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u .whlu/*.whl
          nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
   waits) shift; timeout -s INT 570 python3 benchmarks/host_waits.py --out "$OUT/host-waits.json" "$@" ;;
