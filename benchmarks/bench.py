@@ -505,10 +505,12 @@ def profile_case(model_path, max_len, work, extra=(), reference=PROFILE_WINDOW['
             'overrides': list(extra), 'tokens_per_step': res.summary['tokens_seen'] / max(1, res.summary['global_step'])}
 
 
-def profile_synthetic(config, seq, work, tok, device, dropout, steps=3):
-    "The same for the 8B shape at `seq` x 1 (where does the time of a step go, with and without LoRA dropout)."
+def profile_synthetic(config, seq, work, tok, device, dropout, steps=3, extra=()):
+    """The same for the 8B shape at `seq` x 1 (where does the time of a step go, with and without LoRA dropout;
+    `extra`: product settings, e.g. a memory budget)."""
     reset_memory(); model = random_4bit_model(config, device); reset_memory()
-    cfg = product_config(work, f'profile-8b-{dropout}', seq, 1, steps=PLANNED_STEPS, dropout=dropout)
+    cfg = product_config(work, f'profile-8b-{dropout}' + ''.join(f'-{o}' for o in extra), seq, 1, steps=PLANNED_STEPS,
+                         dropout=dropout, extra=extra)
     trainer, timer, notes = product_trainer(cfg, model, tok, synthetic_data(config.vocab_size, seq, 2 + steps),
                                             [StopAfter(2 + steps)])
     cb = Profiled(2, steps); trainer.add_callback(cb); trainer.train(); notes |= chosen(trainer)
@@ -598,6 +600,8 @@ def main(argv=None):
                     help='also the 8B 2048x1 case with these product settings (e.g. ckpt=train.gradient_checkpointing=true)')
     ap.add_argument('--profile-variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
                     help='also profile the default model with these product settings (e.g. fold=train.compile=true)')
+    ap.add_argument('--profile-8b-variant', action='append', default=[], metavar='NAME=KEY=VALUE[,KEY=VALUE]',
+                    help="also profile the 8B shape with these product settings ('profile 8b NAME', GPU only)")
     ap.add_argument('--unsloth-site', help='a folder with Unsloth and its pinned packages (GPU only)')
     ap.add_argument('--work', default=None, help='scratch folder for the product runs (default: a temporary one)')
     ap.add_argument('--out', help='results JSON (default: benchmarks/results/<gpu or cpu>-<date>.json)')
@@ -660,6 +664,10 @@ def main(argv=None):
         cases['profile 8b'] = {f'qlora_nb dropout {d}': (lambda r, d=d: profile_synthetic(shape, seq8, work, tok, device, d))
                               for d in (0.05, 0.0)}
         cases[f'profile {named} real lengths'] = {'qlora_nb': lambda r: profile_real(shape, tok, data, device, max_len, work)}
+        for v in args.profile_8b_variant:
+            vname, overrides = v.split('=', 1)
+            cases[f'profile 8b {vname}'] = {'qlora_nb dropout 0.05': lambda r, o=tuple(overrides.split(',')):
+                                            profile_synthetic(shape, seq8, work, tok, device, 0.05, extra=o)}
     for name, recipes in cases.items():
         if args.only and not any(w in name for w in args.only): continue
         if any(w in name for w in args.skip): continue
