@@ -225,6 +225,9 @@ class StepTimer(TrainerCallback):
     def start(self): return self.seconds()[0]
     @property
     def times(self): return self.seconds()[1:]
+    def step_seconds(self):
+        "Each step's own time in seconds, as the results record it."
+        marks = self.seconds(); return [round(b - a, 4) for a, b in zip(marks, marks[1:])]
 
 
 class StopAfter(TrainerCallback):
@@ -277,7 +280,7 @@ def synthetic_case(config, recipe, seq, batch, steps, warmup, device, peak_tflop
             torch.cuda.memory._record_memory_history(enabled=None)
         dt = timer.times[-1] - timer.times[warmup - 1] if warmup else timer.times[-1] - timer.start
         notes |= chosen(trainer)
-        notes['step_s'] = [round(b - a, 4) for a, b in zip([timer.start, *timer.times], timer.times)]
+        notes['step_s'] = timer.step_seconds()
         losses, model = [h['loss'] for h in trainer.state.log_history if 'loss' in h], trainer.model
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tps = batch * seq * steps / dt
@@ -525,7 +528,7 @@ def profile_real(config, tok, data, device, max_len, work, first=3, steps=8):
     cfg = product_config(work, 'profile-real-shape', max_len, 4)
     trainer, timer, notes = product_trainer(cfg, model, tok, data)
     cb = Profiled(first, steps, cpu=False); trainer.add_callback(cb); trainer.train(); notes |= chosen(trainer)
-    notes['step_s'] = [round(b - a, 4) for a, b in zip([timer.start, *timer.times], timer.times)]
+    notes['step_s'] = timer.step_seconds()
     del model, trainer; reset_memory()
     return {**cb.report(), **notes}
 
