@@ -586,6 +586,18 @@ def summary(results):
             't4_mode_loss_rel_diff': (abs(fp16 - bf16) / bf16 if fp16 is not None and bf16 and math.isfinite(fp16) else None)}
 
 
+def memory_lean(results, variant='budget'):
+    """The summary's three 8B keys for the case run with a memory budget (`--variant budget=train.memory_budget_gib=6.5`)
+    against the same run's seed and Unsloth rows: the default spends a large GPU's memory on speed, this row does not."""
+    s8 = 'llama3-8b-shape 2048x1'
+    lean, seed, unsloth = (results.get(c, {}).get(r, {}) for c, r in
+                           ((f'{s8} {variant}', 'qlora_nb'), (s8, 'seed'), (s8, 'unsloth')))
+    def ratio(a, b): return a / b if a is not None and b else None
+    return {'case': f'{s8} {variant}', 'product_vs_seed_8b_2048': ratio(lean.get('tokens_per_s'), seed.get('tokens_per_s')),
+            'product_peak_gib_8b_2048': lean.get('peak_gib'),
+            'product_vs_unsloth_8b_2048': ratio(lean.get('tokens_per_s'), unsloth.get('tokens_per_s'))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--tiny', action='store_true', help='a tiny model and a few steps (CPU-friendly; checks the code, not the speed)')
@@ -633,8 +645,8 @@ def main(argv=None):
     # cases already in `dest` (an earlier command on the same machine) are kept, not run again
     results = json.loads(dest.read_text())['results'] if dest.exists() else {}
     def save():  # after every case, so an interrupted run keeps what it measured
-        out = {'summary': summary(results), 'environment': environment(), 'matmul_peak_tflops': peak, 'tiny': args.tiny,
-               'results': results}
+        out = {'summary': summary(results), 'memory_lean': memory_lean(results), 'environment': environment(),
+               'matmul_peak_tflops': peak, 'tiny': args.tiny, 'results': results}
         dest.write_text(json.dumps(out, indent=2))
         return out
     synth = lambda r, d=0.05, o=(): synthetic_case(shape, r, seq8, 1, steps, warmup, device, peak, tok, work, d, o)

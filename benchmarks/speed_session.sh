@@ -2,9 +2,10 @@
 # How issue #17's speed files are made on one lent GPU machine (see ../shared/GPU.md of the project's workspace), one
 # call of the `device` tool per line, each under 10 minutes, all within one lease (the machine keeps /tmp between
 # calls; $OUT is fresh in each). Carried: .whl/ (the wheels the machine lacks), .whlu/ (Unsloth's, installed apart
-# because it pins older trl and datasets), the default model's GGUF in parts (.m1, .m2: one call carries 64 MiB), and
+# because it pins older trl and datasets; with transformers 5.17, its pin), .tfw/ (the transformers that `pip install`
+# gives users, 5.23 on 2026-11-24, ahead of the machine's 5.17 for the product alone), the default model's GGUF in parts (.m1, .m2: one call carries 64 MiB), and
 # .commit (`git rev-parse HEAD > .commit` here: the copy there has no git history).
-#   bash benchmarks/speed_session.sh setup     # carry .whl, then again with .whlu (fastcore among .whl's wheels)
+#   bash benchmarks/speed_session.sh setup     # carry .whl, then .whlu, then .tfw (fastcore among .whl's wheels)
 #   bash benchmarks/speed_session.sh part      # carry .m1, then again with .m2
 #   bash benchmarks/speed_session.sh waits [--arms ...]  # host_waits.py: what each wait for the GPU costs the default job
 #   bash benchmarks/speed_session.sh bench 2048x1          # bench.py, the 8B shape at 2048 x 1 (Unsloth beside)
@@ -18,7 +19,8 @@
 #   bash benchmarks/speed_session.sh host     # host_profile.py: cProfile of the default job's step (where the host's time goes)
 # Each bench call adds its cases to /tmp/bench.json (bench.py keeps the cases a file has) and copies it to $OUT.
 set -uo pipefail
-export QLORA_NB_COMMIT=$(cat .commit 2>/dev/null) PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+# Unsloth's process puts /tmp/site_u first (bench.py), so its transformers pin wins there and nowhere else
+export QLORA_NB_COMMIT=$(cat .commit 2>/dev/null) PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site_tf:/tmp/site:$PWD
 export QLORA_NB_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf QLORA_NB_CACHE=/tmp/qcache HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 UNSLOTH_DISABLE_STATISTICS=1
 mkdir -p /tmp/model
@@ -27,6 +29,8 @@ case "$1" in
   setup) # .whl and .whlu together pass the 64 MiB a call carries: one call each, installing what it carried
          [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
          [ -d .whlu ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u .whlu/*.whl
+         [ -d .tfw ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tf .tfw/*.whl
+         python3 -c 'import transformers; print("transformers", transformers.__version__)'
          nvidia-smi --query-gpu=name,memory.total --format=csv ;;
   part)  cp .m*/part.* /tmp/model/; ls -la /tmp/model ;;
   waits) shift; timeout -s INT 570 python3 benchmarks/host_waits.py --out "$OUT/host-waits.json" "$@" ;;

@@ -57,10 +57,11 @@ def main():
     torch.cuda.synchronize(); t = time.perf_counter()
     losses = [step() for _ in range(a.steps)]
     torch.cuda.synchronize(); dt = time.perf_counter() - t
-    import importlib.metadata as md
+    import importlib.metadata as md, transformers  # the transformers imported, Unsloth's pin (the product's may be newer)
     print(json.dumps({'recipe': 'unsloth', 'dropout': a.dropout, 'seq': a.seq, 'batch': a.batch, 'steps': a.steps,
                       'tokens_per_s': a.batch * a.seq * a.steps / dt, 'peak_gib': torch.cuda.max_memory_allocated() / 2**30,
-                      'loss_last': losses[-1], 'optim': a.optim, 'version': md.version('unsloth')}))
+                      'loss_last': losses[-1], 'optim': a.optim, 'version': md.version('unsloth'),
+                      'transformers': transformers.__version__}))
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ def test_bench_tiny_mode(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert set(res['summary']) == SUMMARY_KEYS and res['tiny'] is True
+    assert set(res['summary']) == SUMMARY_KEYS and res['tiny'] is True and 'memory_lean' in res
     s = res['summary']
     for k in ('product_vs_seed_8b_2048', 'product_vs_seed_real_lengths', 'default_model_tokens_per_s'): assert s[k] > 0, k
     assert abs(s['eval_loss_rel_diff_real']) < 1e-3, s  # measured 2e-4: the same tokens, trained to the same loss
@@ -151,3 +151,17 @@ def test_real_epoch_counts_the_tokens_trl_counts(tmp_path):
     history = json.loads((tmp_path/'logged'/'training_history.json').read_text())
     seen = [h['num_tokens'] for h in history if 'loss' in h]  # TRL's running count, after each step
     assert len(logged) == len(seen) == 3 and 0 < real == real_logged == seen[-1] - seen[0]
+
+
+def test_memory_lean_reads_the_budget_row_against_the_same_seed_and_unsloth():
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    from bench import memory_lean, summary
+    s8 = 'llama3-8b-shape 2048x1'
+    results = {s8: {'seed': {'tokens_per_s': 2000.0}, 'qlora_nb': {'tokens_per_s': 10000.0, 'peak_gib': 19.0},
+                    'unsloth': {'tokens_per_s': 5000.0}},
+               f'{s8} budget': {'qlora_nb': {'tokens_per_s': 8000.0, 'peak_gib': 6.2}}}
+    lean = memory_lean(results)
+    assert set(lean) - {'case'} == {k for k in SUMMARY_KEYS if k.endswith('8b_2048')}
+    assert (lean['product_vs_seed_8b_2048'], lean['product_peak_gib_8b_2048'], lean['product_vs_unsloth_8b_2048']) == (4.0, 6.2, 1.6)
+    assert summary(results)['product_peak_gib_8b_2048'] == 19.0  # the summary's contract stays the default's row
+    assert memory_lean({s8: results[s8]})['product_vs_seed_8b_2048'] is None  # no budget row: nothing claimed
