@@ -214,9 +214,14 @@ def hardware_section(a) -> str:
     if a.get('bench'):
         env = a['bench']['environment']
         commit = f"commit `{env['git_commit'][:7]}`" if env.get('git_commit') else 'the file records no commit'
+        tf = f"transformers {env['versions']['transformers']}; " if env.get('versions', {}).get('transformers') else ''
         out += (f"\nTraining speed of the product's own path (`benchmarks/bench.py`, {env['gpu']}, one lease on "
-                f"{env.get('date', '')[:10]}; {commit}; the "
+                f"{env.get('date', '')[:10]}; {commit}; {tf}the "
                 "issue's summary keys):\n\n" + _table(_values(a['bench']['summary']), ['value']))
+        if (lean := a['bench'].get('memory_lean')) and lean.get('product_peak_gib_8b_2048') is not None:
+            out += (f"\nThe same three 8B keys for the row `{lean['case']}`, a memory budget in the product's config, "
+                    "against the same run's seed recipe and Unsloth (`memory_lean`):\n\n"
+                    + _table(_values({k: v for k, v in lean.items() if k != 'case'}), ['value']))
         if any('eval_loss_float32' in r for by in a['bench']['results'].values() for r in by.values()):
             out += ("\nIts two loss keys compare the trained adapters evaluated in float32 compute on the same 4-bit "
                     "codes: `eval_loss_rel_diff_real` is signed (product − seed, over seed; below 0, the product's "
