@@ -559,12 +559,16 @@ def unsloth_case(site, seq, batch, steps, warmup, dropout, work):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+S8 = 'llama3-8b-shape 2048x1'  # the case of the issue's 8B keys
+
+
+def ratio(a, b): return a / b if a is not None and b else None
+
+
 def summary(results):
     "The issue's contract: exactly these keys (None where a case did not run)."
     def get(case, recipe, key):
         return results.get(case, {}).get(recipe, {}).get(key)
-    def ratio(a, b): return a / b if a is not None and b else None
-    s8 = 'llama3-8b-shape 2048x1'
     # the two trainings compared in one evaluation precision (float32) where the rows have it: evaluated in its own
     # compute dtype, a bfloat16 model's loss reads ~3% high from the evaluation's rounding alone (04_training)
     t4_key = 'eval_loss_float32' if get('t4 mode', 'bfloat16', 'eval_loss_float32') is not None else 'eval_loss'
@@ -573,9 +577,9 @@ def summary(results):
     seed_loss = get('default model real data', 'seed', real_key)
     prod_loss = get('default model real data', 'qlora_nb', real_key)
     import math
-    return {'product_vs_seed_8b_2048': ratio(get(s8, 'qlora_nb', 'tokens_per_s'), get(s8, 'seed', 'tokens_per_s')),
-            'product_peak_gib_8b_2048': get(s8, 'qlora_nb', 'peak_gib'),
-            'product_vs_unsloth_8b_2048': ratio(get(s8, 'qlora_nb', 'tokens_per_s'), get(s8, 'unsloth', 'tokens_per_s')),
+    return {'product_vs_seed_8b_2048': ratio(get(S8, 'qlora_nb', 'tokens_per_s'), get(S8, 'seed', 'tokens_per_s')),
+            'product_peak_gib_8b_2048': get(S8, 'qlora_nb', 'peak_gib'),
+            'product_vs_unsloth_8b_2048': ratio(get(S8, 'qlora_nb', 'tokens_per_s'), get(S8, 'unsloth', 'tokens_per_s')),
             'product_vs_seed_real_lengths': ratio(get('llama3-8b-shape real lengths', 'qlora_nb', 'tokens_per_s_real'),
                                                   get('llama3-8b-shape real lengths', 'seed', 'tokens_per_s_real')),
             'eval_loss_rel_diff_real': ratio(None if prod_loss is None or seed_loss is None else prod_loss - seed_loss, seed_loss),
@@ -589,11 +593,9 @@ def summary(results):
 def memory_lean(results, variant='budget'):
     """The summary's three 8B keys for the case run with a memory budget (`--variant budget=train.memory_budget_gib=6.5`)
     against the same run's seed and Unsloth rows: the default spends a large GPU's memory on speed, this row does not."""
-    s8 = 'llama3-8b-shape 2048x1'
     lean, seed, unsloth = (results.get(c, {}).get(r, {}) for c, r in
-                           ((f'{s8} {variant}', 'qlora_nb'), (s8, 'seed'), (s8, 'unsloth')))
-    def ratio(a, b): return a / b if a is not None and b else None
-    return {'case': f'{s8} {variant}', 'product_vs_seed_8b_2048': ratio(lean.get('tokens_per_s'), seed.get('tokens_per_s')),
+                           ((f'{S8} {variant}', 'qlora_nb'), (S8, 'seed'), (S8, 'unsloth')))
+    return {'case': f'{S8} {variant}', 'product_vs_seed_8b_2048': ratio(lean.get('tokens_per_s'), seed.get('tokens_per_s')),
             'product_peak_gib_8b_2048': lean.get('peak_gib'),
             'product_vs_unsloth_8b_2048': ratio(lean.get('tokens_per_s'), unsloth.get('tokens_per_s'))}
 

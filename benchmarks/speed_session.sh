@@ -3,7 +3,8 @@
 # call of the `device` tool per line, each under 10 minutes, all within one lease (the machine keeps /tmp between
 # calls; $OUT is fresh in each). Carried: .whl/ (the wheels the machine lacks), .whlu/ (Unsloth's, installed apart
 # because it pins older trl and datasets; with transformers 5.17, its pin), .tfw/ (the transformers that `pip install`
-# gives users, 5.23 on 2026-11-24, ahead of the machine's 5.17 for the product alone), the default model's GGUF in parts (.m1, .m2: one call carries 64 MiB), and
+# gives users, 5.23 on 2026-11-24, ahead of the machine's 5.17 for the product alone), the default model's GGUF in
+# parts (.m1, .m2: one call carries 64 MiB), and
 # .commit (`git rev-parse HEAD > .commit` here: the copy there has no git history).
 #   bash benchmarks/speed_session.sh setup     # carry .whl, then .whlu, then .tfw (fastcore among .whl's wheels)
 #   bash benchmarks/speed_session.sh part      # carry .m1, then again with .m2
