@@ -6,15 +6,16 @@
 __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_MIN_REPLAYS', 'GRAPH_INPUTS',
            'COMPILE_MIN_HIDDEN', 'QUICK', 'planned_passes', 'use_compile', 'use_liger', 'sft_config',
            'trainer_datasets', 'layer_activation_bytes', 'memory_budget', 'use_checkpointing', 'is_checkpointed',
-           'fold_accumulation', 'add_run_lora', 'is_liger', 'model_module', 'unpatch_liger', 'LigerForThisRun',
-           'NoCudnnAttention', 'compile_layers', 'recompute_everything', 'checkpoints_inside_compile',
-           'keep_only_layer_inputs', 'HostEmbedding', 'is_tied', 'embedding_to_host', 'embedding_back',
-           'LookedUpOnHost', 'EmbeddingBackAtEnd', 'embedding_on_host', 'host_embedding_refusals', 'use_host_embedding',
-           'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass', 'graph_capture', 'GraphedDecoder',
-           'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer', 'graphs_instead_of_compile', 'ModelWalks',
-           'walks_once', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
-           'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint',
-           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'fold_accumulation', 'add_run_lora', 'LengthBalancedSampler', 'is_liger', 'model_module', 'unpatch_liger',
+           'LigerForThisRun', 'NoCudnnAttention', 'compile_layers', 'recompute_everything',
+           'checkpoints_inside_compile', 'keep_only_layer_inputs', 'HostEmbedding', 'is_tied', 'embedding_to_host',
+           'embedding_back', 'LookedUpOnHost', 'EmbeddingBackAtEnd', 'embedding_on_host', 'host_embedding_refusals',
+           'use_host_embedding', 'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass',
+           'graph_capture', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer',
+           'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged', 'OutOfMemory',
+           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
+           'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
+           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -166,6 +167,30 @@ def fold_accumulation(cfg:RunConfig, model_config) -> RunConfig:
 def add_run_lora(cfg:RunConfig, model):
     "`model` with the run's adapters, its activations checkpointed as `use_checkpointing` decides."
     return add_lora(model, cfg.lora, use_checkpointing(cfg, model.config))
+
+# %% ../nbs/04_training.ipynb #f35bcb66
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
+
+class LengthBalancedSampler(BatchRebalanceSampler):
+    "Length-grouped global batches, each split into micro-batches of equal cost over ranks and accumulation steps."
+    def __iter__(self):
+        g = torch.Generator(); g.manual_seed(self.seed + self.epoch)
+        size = self.effective_batch_size
+        order = list(LengthGroupedSampler(size, lengths=self.lengths, generator=g))
+        end = self.num_full_batches * size + (self.remainder if self.has_tail else 0)
+        for start in range(0, end, size):
+            batch = order[start:min(start + size, end)]
+            short = self.dp_size * self.grad_accum - len(batch)
+            if short > 0 and self.dp_size == 1: yield from ([i] for i in batch); continue  # a shorter accumulation
+            if short > 0: batch = batch + (order * short)[:short]  # each rank needs one: DistributedSampler's repeats
+            yield from self._yield_global_batch(batch)
+
+    def __len__(self):
+        short_tail = self.has_tail and self.dp_size == 1 and self.remainder < self.grad_accum
+        return super().__len__() - (self.grad_accum - self.remainder if short_tail else 0)
+
+    @property
+    def sampler(self): return self  # accelerate reaches a wrapped batch sampler's `set_epoch` only through it
 
 # %% ../nbs/04_training.ipynb #d327fcdf
 def is_liger(obj) -> bool: return (getattr(obj, '__module__', None) or '').startswith('liger_kernel')
@@ -440,6 +465,17 @@ def _record_step_counts(self):
 def log(self, logs:dict, start_time=None):
     if self._step_counts: self._record_step_counts()
     super(SyncFreeSFTTrainer, self).log(logs, start_time)
+
+# %% ../nbs/04_training.ipynb #4760b341
+@patch_to(SyncFreeSFTTrainer)
+def _get_train_sampler(self, train_dataset=None):
+    ds, a = self.train_dataset if train_dataset is None else train_dataset, self.args
+    if a.train_sampling_strategy != 'group_by_length' or ds is None or not hasattr(ds, '__len__'):
+        return super(SyncFreeSFTTrainer, self)._get_train_sampler(train_dataset)
+    lengths = ds[a.length_column_name] if a.length_column_name in ds.column_names else [len(x) for x in ds['input_ids']]
+    return LengthBalancedSampler(lengths, a.train_batch_size * a.gradient_accumulation_steps * a.world_size, a.world_size,
+                                 a.gradient_accumulation_steps, seed=a.seed, rank=a.process_index,
+                                 drop_last=a.dataloader_drop_last)
 
 # %% ../nbs/04_training.ipynb #a1ebb696
 # Compiled layers against CUDA graphs on an H200, 2048 x 1 (04, `shapes-h200-2026-11-23*.json`): graphs 1.6-2.0x faster
