@@ -32,6 +32,9 @@ timing callback only.
   different masks in the two runs, so they are close, not equal). The training rows are cut to whole global batches:
   DDP fills a partial last batch by repeating examples on the other ranks, which changes that step's loss.
 * single-8b-micro: one GPU, one micro-batch of 4 per step: what each GPU of ddp-8b computes per step (diagnosis).
+* halves-8b-balanced / halves-8b-grouped: single-8b with each micro-batch timed on its own (the GPU synchronized at
+  each boundary): the work each GPU of ddp-8b would do at that step, so one GPU predicts DDP's scaling
+  (`predicted_ddp_scaling`), with the product's balanced micro-batches and with transformers' length-grouped ones.
 * fsdp-8b: the 8B shape sharded over 2 GPUs with FSDP-QLoRA, 6 steps; its per-GPU peak against single-8b's.
 * fsdp-70b, then fsdp-32b, fsdp-13b until one succeeds: the largest shape trained for >= 5 steps with FSDP-QLoRA.
 * cli-ddp, cli-fsdp: the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model (the product's
@@ -42,12 +45,12 @@ If one command would run past a time limit, split it: `--only 8b` and then `--on
 the results file are kept and not run again; failed ones are tried again). In --tiny mode the FSDP cases are skipped
 (torch FSDP needs an accelerator), and cli-ddp runs the command `--gpus 2` would run (`launch_command`) on the CPU.
 """
-import argparse, datetime, json, os, subprocess, sys, time
+import argparse, datetime, json, os, subprocess, sys, time, types
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'benchmarks'))
@@ -74,6 +77,9 @@ def shapes(tiny):
 CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accumulation as configured)
     'single-8b': ('8b', 1, 'ddp', 60, 4, 2), 'ddp-8b': ('8b', 2, 'ddp', 60, 4, 2),
     'single-8b-micro': ('8b', 1, 'ddp', 60, 4, 1),  # one micro-batch per step: a DDP rank's share of ddp-8b
+    # single-8b's micro-batches timed one by one (each is one rank's share of a ddp-8b step), with the product's
+    # balanced micro-batches and with transformers' length-grouped ones (what the product drew before `958782c`)
+    'halves-8b-balanced': ('8b', 1, 'ddp', 60, 4, 2), 'halves-8b-grouped': ('8b', 1, 'ddp', 60, 4, 2),
     'fsdp-8b': ('8b', 2, 'fsdp', 6, 4, 2),  # the single GPU's micro-batch of 4: peaks compare
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
@@ -108,6 +114,29 @@ class StepProfile(TrainerCallback):
             Path(self.path).write_text(f'steps {self.first}..{self.last - 1}\n' + ka.table(sort_by=by, row_limit=40)
                                        + '\n' + ka.table(sort_by='self_cpu_time_total', row_limit=30))
             self.prof = None
+
+
+class MicroBatchTimes(TrainerCallback):
+    """Seconds of each step's micro-batches and of its optimizer step, the GPU synchronized at each boundary: on one
+    GPU, the work each DDP rank would do alone at that step (`predicted_ddp_scaling`)."""
+    def __init__(self): self.steps, self.t = [], None
+    def lap(self):
+        from bench import sync
+        sync(); t = time.perf_counter(); self.steps[-1].append(t - self.t); self.t = t
+    def on_step_begin(self, args, state, control, **kw):
+        from bench import sync
+        sync(); self.t = time.perf_counter(); self.steps.append([])
+    def on_substep_end(self, args, state, control, **kw): self.lap()  # a micro-batch, not the step's last
+    def on_pre_optimizer_step(self, args, state, control, **kw): self.lap()  # the last micro-batch (and clipping)
+    def on_step_end(self, args, state, control, **kw): self.lap()  # the optimizer step
+
+
+def predicted_ddp_scaling(steps, processes=2):
+    """One GPU's time for these steps over the time of `processes` GPUs that each train one micro-batch of every step
+    and wait for the slowest (the steps as `MicroBatchTimes` records them, [micro-batch, ..., optimizer]; the first
+    step, which warms up, left out). The all-reduce of the adapters' gradients is not counted (under a millisecond)."""
+    steps = [s for s in steps[1:] if len(s) == processes + 1]
+    return sum(map(sum, steps)) / sum(max(s[:-1]) + s[-1] for s in steps)
 
 
 def allreduce_ms(numel, device, repeat=10):
@@ -192,11 +221,16 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
     build_s, build_peak = time.perf_counter() - t0, peak_gib()
     reset_memory()  # the peak of training, not of building the random model (FSDP shards it when the trainer starts)
     big = ['train.gradient_checkpointing=true'] if name in LADDER else []  # 'auto' does not know FSDP shards the weights
+    halves = name.startswith('halves')
+    if halves: big.append('train.fold_accumulation=false')  # each micro-batch a pass of its own, as on a DDP rank
     # every step logged: the loss comparison reads the first 20 steps' losses, and the tokens/s TRL's token count
     cfg = product_config(work, name, 512 if tiny else 2048, batch, accum, steps,
                          extra=['train.logging_steps=1', f'train.distributed={distributed}', *big, *overrides])
     trainer, timer, choices = product_trainer(cfg, model, tok, data)
     peak = TrainPeak(); trainer.add_callback(peak)
+    if name.endswith('-grouped'):  # transformers' own sampler: consecutive micro-batches of the length-sorted run
+        trainer._get_train_sampler = types.MethodType(Trainer._get_train_sampler, trainer)
+    if halves: micro = MicroBatchTimes(); trainer.add_callback(micro)
     if profile: trainer.add_callback(StepProfile(f'{out_prefix}.rank{rank}.prof.txt', min(6, steps - 3), min(9, steps)))
     trainer.train()
     logged = [h for h in trainer.state.log_history if 'loss' in h]
@@ -215,6 +249,8 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
         first, last = (timer.times[h['step'] - 1] for h in (logged[0], logged[-1]))  # the tokens' own span of steps
         row['tokens_per_s'] = (logged[-1]['num_tokens'] - logged[0]['num_tokens']) / (last - first)
         row['step_s'] = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
+    if halves: row |= {'sampler': type(trainer._get_train_sampler()).__name__, 'micro_batch_s': micro.steps,
+                       'predicted_ddp_scaling': predicted_ddp_scaling(micro.steps)}
     Path(f'{out_prefix}.rank{rank}.json').write_text(json.dumps(row, indent=2, default=str))
 
 
@@ -326,8 +362,11 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix='qlora_nb_multigpu_'))
     work.mkdir(parents=True, exist_ok=True)
     if args.case: return run_case(args.case, args.tiny, args.prefix, work, args.set, args.profile)
-    if not args.tiny and torch.cuda.device_count() < 2:
-        sys.exit(f'{torch.cuda.device_count()} CUDA GPUs visible: this benchmark needs 2 (or --tiny)')
+    chosen_cases = [n for n in (*CASES, *CLI_CASES) if (not args.only or any(w in n for w in args.only))
+                    and not any(w in n for w in args.skip)]
+    need = max((CASES[n][1] if n in CASES else 2 for n in chosen_cases), default=1)
+    if not args.tiny and torch.cuda.device_count() < need:
+        sys.exit(f'{torch.cuda.device_count()} CUDA GPUs visible: these cases need {need} (or --tiny)')
     dest = Path(args.out or ROOT/'benchmarks'/'results'/f"{'tiny-' if args.tiny else ''}multigpu-{datetime.date.today()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(dest.read_text())['rows'] if dest.exists() else {}
@@ -338,9 +377,7 @@ def main(argv=None):
                'environment': environment(), 'rows': rows}
         dest.write_text(json.dumps(out, indent=2, default=str)); return out
     suffix = ''.join(f'+{o}' for o in args.set) + ('+profile' if args.profile else '')
-    for name in (*CASES, *CLI_CASES):
-        if args.only and not any(w in name for w in args.only): continue
-        if any(w in name for w in args.skip): continue
+    for name in chosen_cases:
         if suffix and name in CLI_CASES: continue
         if name + suffix in rows: continue
         if args.tiny and 'fsdp' in name:
@@ -352,7 +389,7 @@ def main(argv=None):
                                    else launch(name, args.tiny, work, args.set, args.profile))
         print(name, 'FAILED: ' + r['error'][-1500:] if r.get('failed') else
               {k: r.get(k) for k in ('processes', 'steps', 'global_step', 'tokens_per_s', 'step_s_by_rank',
-                                     'allreduce_ms', 'peak_gib_per_gpu', 'wall_s')},
+                                     'allreduce_ms', 'peak_gib_per_gpu', 'predicted_ddp_scaling', 'wall_s')},
               flush=True)
         save()
     out = save()

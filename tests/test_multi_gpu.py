@@ -130,6 +130,28 @@ def test_benchmark_summary():
     assert multigpu.summary(rows)['ddp_loss_matches_single'] is True
 
 
+def test_benchmark_predicts_ddp_from_one_gpu(tmp_path):
+    """multigpu.py's halves cases time each micro-batch of one GPU's steps, the work of one DDP rank: two ranks wait
+    for the slower, so one GPU predicts DDP's scaling. The tiny model runs both samplers through the product's trainer."""
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import multigpu
+    # [micro-batch, micro-batch, optimizer]; the first step (warm-up) is left out: (2 + 4) / (1 + 3)
+    assert multigpu.predicted_ddp_scaling([[9, 9, 9], [1, 1, 0], [3, 1, 0]]) == pytest.approx(1.5)
+    assert multigpu.predicted_ddp_scaling([[9, 9, 9], [1, 1, 0.5]]) == pytest.approx(2.5 / 1.5)  # the optimizer, once
+    out = tmp_path/'halves.json'
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'multigpu.py'), '--tiny', '--only', 'halves',
+                        '--out', str(out), '--work', str(tmp_path/'work')], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())['rows']
+    assert {n: rows[n]['sampler'] for n in rows} == {'halves-8b-balanced': 'LengthBalancedSampler',
+                                                     'halves-8b-grouped': 'LengthGroupedSampler'}
+    for row in rows.values():
+        assert row['accumulation'] == 2 and len(row['micro_batch_s']) == row['steps'] == 5
+        assert all(len(s) == 3 and min(s) > 0 for s in row['micro_batch_s'])  # two micro-batches, then the optimizer
+        assert row['predicted_ddp_scaling'] == pytest.approx(multigpu.predicted_ddp_scaling(row['micro_batch_s']))
+        assert 1 < row['predicted_ddp_scaling'] < 2.1
+
+
 def test_benchmark_pairs_train_whole_batches():
     """multigpu.py trains its single/DDP pairs on whole global batches, of examples or, packed, of the rows TRL packs
     them into: a partial batch is trained as is on one GPU and filled with repeated rows under DDP (04b). The tiny
