@@ -35,8 +35,6 @@ timing callback only.
 * halves-8b-balanced / halves-8b-grouped: single-8b with each micro-batch timed on its own (the GPU synchronized at
   each boundary): the work each GPU of ddp-8b would do at that step, so one GPU predicts DDP's scaling
   (`predicted_ddp_scaling`), with the product's balanced micro-batches and with transformers' length-grouped ones.
-* ddp1-8b-micro: single-8b-micro launched by torchrun as a DDP of one process: the wrapper's own cost per step
-  (its gradient hooks and buckets, the buffers' broadcast, a one-rank all-reduce), on one GPU.
 * fsdp-8b: the 8B shape sharded over 2 GPUs with FSDP-QLoRA, 6 steps; its per-GPU peak against single-8b's.
 * fsdp-70b, then fsdp-32b, fsdp-13b until one succeeds: the largest shape trained for >= 5 steps with FSDP-QLoRA.
 * cli-ddp, cli-fsdp: the command itself, `qlora_nb train --gpus 2 [--fsdp]`, on the default model (the product's
@@ -82,8 +80,6 @@ CASES = {  # name: (shape, processes, distributed, steps, per-device batch, accu
     # single-8b's micro-batches timed one by one (each is one rank's share of a ddp-8b step), with the product's
     # balanced micro-batches and with transformers' length-grouped ones (what the product drew before `958782c`)
     'halves-8b-balanced': ('8b', 1, 'ddp', 60, 4, 2), 'halves-8b-grouped': ('8b', 1, 'ddp', 60, 4, 2),
-    # single-8b-micro in a DDP of one process (torchrun): what the DDP wrapper itself costs a step, on one GPU
-    'ddp1-8b-micro': ('8b', 1, 'ddp', 60, 4, 1),
     'fsdp-8b': ('8b', 2, 'fsdp', 6, 4, 2),  # the single GPU's micro-batch of 4: peaks compare
     'fsdp-70b': ('70b', 2, 'fsdp', 6, 1, 2), 'fsdp-32b': ('32b', 2, 'fsdp', 6, 1, 2), 'fsdp-13b': ('13b', 2, 'fsdp', 6, 1, 2)}
 LADDER = ('fsdp-70b', 'fsdp-32b', 'fsdp-13b')
@@ -245,7 +241,6 @@ def run_case(name, tiny, out_prefix, work, overrides=(), profile=False):
                               * trainer.args.world_size,
            'steps': trainer.state.global_step, 'build_s': build_s, 'build_peak_gib': build_peak, **choices,
            'allocated_gib_at_train_start': peak.at_start, 'peak_gib': peak_gib(), 'losses': [h['loss'] for h in logged],
-           'wrapped_as': type(trainer.model_wrapped).__name__,  # DistributedDataParallel under DDP, even of one
            'overrides': list(overrides), 'step_times': [b - a for a, b in zip(timer.times, timer.times[1:])]}
     if world_size() > 1:  # what synchronizing the adapters' gradients costs on this host, on its own
         grads = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -268,8 +263,7 @@ def launch(name, tiny, work, overrides=(), profile=False):
     me = [str(Path(__file__).resolve()), '--case', name, '--prefix', str(prefix), '--work', str(work)]
     me += (['--tiny'] if tiny else []) + (['--profile'] if profile else [])
     me += [a for o in overrides for a in ('--set', o)]
-    if name.startswith('ddp1'): cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1'] + me
-    elif procs == 1: cmd = [sys.executable] + me
+    if procs == 1: cmd = [sys.executable] + me
     else: cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
                  str(accelerate_config(distributed, procs, work))] + me
     env = {**os.environ, **NVLS_OFF, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
