@@ -11,10 +11,10 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'checkpoints_inside_compile', 'keep_only_layer_inputs', 'HostEmbedding', 'is_tied', 'embedding_to_host',
            'embedding_back', 'LookedUpOnHost', 'EmbeddingBackAtEnd', 'embedding_on_host', 'host_embedding_refusals',
            'use_host_embedding', 'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass',
-           'graph_capture', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer',
-           'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged', 'OutOfMemory',
-           'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback', 'environment',
-           'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
+           'graph_capture', 'grads_of_their_own', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored',
+           'SyncFreeSFTTrainer', 'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged',
+           'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback',
+           'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
            'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
@@ -37,7 +37,7 @@ from .data import DataError, PreparedData, prepare_data
 from .model import footprint_from_config, load_model, load_tokenizer
 from .lora import add_lora, enable_checkpointing
 from .distributed import (batch_line, effective_batch, fsdp_enabled, is_main_process, process_args,
-                                  save_adapter, start_processes, world_size)
+                                  save_adapter, split_batch, start_processes, world_size)
 from .weights import resolve_model
 
 # %% ../nbs/04_training.ipynb #501180ca
@@ -47,9 +47,9 @@ COMPILE_MIN_PASSES = 500
 
 def planned_passes(cfg:RunConfig, n_examples:int) -> int:
     "Forward-backward passes one process runs: `train.max_steps` x accumulation, else the epochs' batches."
-    t = cfg.train
-    if t.max_steps > 0: return t.max_steps * t.gradient_accumulation_steps
-    return math.ceil(t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * world_size())))
+    t, own = cfg.train, split_batch(cfg)  # this process's share of the batch (`04b_multi_gpu`); all of it when alone
+    if t.max_steps > 0: return t.max_steps * own['gradient_accumulation_steps']
+    return math.ceil(t.num_train_epochs * math.ceil(n_examples / (own['per_device_train_batch_size'] * world_size())))
 
 # %% ../nbs/04_training.ipynb #170b3584
 def use_compile(cfg:RunConfig, passes:int, checkpointed:bool=False, graphs_instead:bool=False) -> bool:
@@ -338,12 +338,10 @@ def cuda_graph_refusals(cfg:RunConfig, compiled:bool=False, checkpointed:bool=Fa
     t = cfg.train
     return [why for refused, why in [
         (not torch.cuda.is_available(), 'CUDA graphs need a CUDA GPU'),
-        (world_size() > 1, 'one process only: DDP and FSDP communicate inside the backward pass'),
+        (fsdp_enabled(), 'FSDP gathers each layer\'s weights from the other GPUs inside the passes'),
         (compiled, 'the layers are compiled (train.compile): Inductor plans its own graphs'),
         (checkpointed, 'activation checkpointing re-runs the layers with their saved random state, outside the graph'),
         (t.activation_offloading, 'activation offloading copies to CPU memory while the graph runs'),
-        (t.gradient_accumulation_steps > 1, 'an accumulated step: a replay would overwrite the gradient it adds to '
-                                             '(set train.fold_accumulation=true or gradient_accumulation_steps=1)'),
         (cfg.data.packing, 'packed batches change their documents\' boundaries every step')] if refused]
 
 # %% ../nbs/04_training.ipynb #8035bb8a
@@ -373,16 +371,22 @@ def graph_capture(module, sample:tuple, pool):
     with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
         return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=1, pool=pool)
 
+# %% ../nbs/04_training.ipynb #488f343b
+def grads_of_their_own(params) -> list:
+    "Hooks giving each of `params` a `.grad` of its own, not a graph's output buffer that the next replay overwrites."
+    return [p.register_hook(lambda g, p=p: g.clone() if p.grad is None else None) for p in params]
+
 # %% ../nbs/04_training.ipynb #245c54b9
 class GraphedDecoder:
     "`decoder`'s training passes replayed as CUDA graphs, one capture per batch shape; anything else runs as before."
-    def __init__(self, decoder, capture=None, max_shapes:int=32, strict:bool=False):
+    def __init__(self, decoder, capture=None, max_shapes:int=32, strict:bool=False, accumulating:bool=False):
         self.decoder, self.eager, self.graphs, self.max_shapes = decoder, decoder.forward, {}, max_shapes
         self.own = vars(decoder).get('forward')  # a forward set on the instance before ours (a hook's), to give back
         self.capture = capture or partial(graph_capture, pool=torch.cuda.graph_pool_handle())
         self.replays = self.eager_calls = self.captures = 0
         self.strict, self.failed = strict, None
         decoder.forward = self  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+        self.hooks = grads_of_their_own(p for p in decoder.parameters() if p.requires_grad) if accumulating else []
 
     def __call__(self, *args, **kw):
         tensors = {k: kw.pop(k) for k in GRAPH_INPUTS if kw.get(k) is not None}
@@ -408,7 +412,8 @@ class GraphedDecoder:
         "The decoder's own forward again; the graphs and their memory go."
         if self.own is None: del self.decoder.forward
         else: self.decoder.forward = self.own
-        self.graphs.clear()
+        for h in self.hooks: h.remove()
+        self.graphs.clear(); self.hooks = []
 
 class GraphsForThisRun(TrainerCallback):
     "When training ends, the decoder runs its own forward again and the graphs' memory is freed."
@@ -735,7 +740,8 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     trainer.graphed = None
     if graphed:  # TRL's fused LM head calls the backbone: that is what the graphs replay
         backbone = trainer.model.get_base_model().base_model
-        trainer.graphed = GraphedDecoder(backbone, strict=cfg.train.cuda_graphs is True)
+        trainer.graphed = GraphedDecoder(backbone, strict=cfg.train.cuda_graphs is True,
+                                         accumulating=trainer.args.gradient_accumulation_steps > 1)
         trainer.add_callback(GraphsForThisRun(trainer.graphed))
     trainer.embedding_on_cpu = use_host_embedding(cfg, trainer.model, checkpointed, graphed)
     if trainer.embedding_on_cpu: embedding_on_host(trainer)
