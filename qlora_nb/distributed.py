@@ -69,7 +69,9 @@ def batch_line(args) -> str:
 def process_args(cfg:RunConfig) -> dict:
     "The trainer arguments a launched process changes: the batch split over the processes, DDP's and FSDP's needs."
     if world_size() == 1: return {}
-    args = {**split_batch(cfg), 'ddp_find_unused_parameters': False}
+    # every adapter gets a gradient, and the buffers (rotary frequencies) never change: DDP need neither search the
+    # graph for unused parameters nor broadcast the buffers before each forward pass
+    args = {**split_batch(cfg), 'ddp_find_unused_parameters': False, 'ddp_broadcast_buffers': False}
     if fsdp_enabled() and '8bit' in cfg.train.optim:
         warnings.warn(f"train.optim={cfg.train.optim!r}: FSDP cannot shard the 8-bit optimizer's state; "
                       "using adamw_torch (the adapters' state is small, and FSDP shards it)")

@@ -11,11 +11,11 @@ __all__ = ['COMPILE_MIN_PASSES', 'TRAIN_COLUMNS', 'CUDA_GRAPH_PAD', 'CUDA_GRAPH_
            'checkpoints_inside_compile', 'keep_only_layer_inputs', 'HostEmbedding', 'is_tied', 'embedding_to_host',
            'embedding_back', 'LookedUpOnHost', 'EmbeddingBackAtEnd', 'embedding_on_host', 'host_embedding_refusals',
            'use_host_embedding', 'graph_shapes', 'cuda_graph_refusals', 'use_cuda_graphs', 'DecoderPass',
-           'graph_capture', 'grads_of_their_own', 'GraphedDecoder', 'GraphsForThisRun', 'every_position_scored',
-           'SyncFreeSFTTrainer', 'graphs_instead_of_compile', 'ModelWalks', 'walks_once', 'TrainingDiverged',
-           'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook', 'plot_history', 'LivePlotCallback',
-           'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint', 'TrainResult', 'adapter_dtype',
-           'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
+           'graph_capture', 'grads_of_their_own', 'grad_accumulators_off_the_default_stream', 'GraphedDecoder',
+           'GraphsForThisRun', 'every_position_scored', 'SyncFreeSFTTrainer', 'graphs_instead_of_compile', 'ModelWalks',
+           'walks_once', 'TrainingDiverged', 'OutOfMemory', 'HistoryCallback', 'write_json', 'in_notebook',
+           'plot_history', 'LivePlotCallback', 'environment', 'speed_choices', 'speed_line', 'last_complete_checkpoint',
+           'TrainResult', 'adapter_dtype', 'set_adapter_dtype', 'build_trainer', 'train', 'StopAtStep']
 
 # %% ../nbs/04_training.ipynb #781b42f4
 import json, logging, math, os, platform, subprocess, sys, time, warnings
@@ -371,22 +371,33 @@ def graph_capture(module, sample:tuple, pool):
     with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
         return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=1, pool=pool)
 
-# %% ../nbs/04_training.ipynb #488f343b
+# %% ../nbs/04_training.ipynb #e4158a5a
 def grads_of_their_own(params) -> list:
     "Hooks giving each of `params` a `.grad` of its own, not a graph's output buffer that the next replay overwrites."
     return [p.register_hook(lambda g, p=p: g.clone() if p.grad is None else None) for p in params]
 
+# %% ../nbs/04_training.ipynb #c6462d8c
+def grad_accumulators_off_the_default_stream(params) -> list:
+    "Make autograd's gradient-storing nodes of `params` on a side stream, before DDP would make them on the legacy one."
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side): nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in params]
+    torch.cuda.current_stream().wait_stream(side)
+    return nodes  # autograd keeps them only while something holds them: the switch does, for the run
+
 # %% ../nbs/04_training.ipynb #245c54b9
 class GraphedDecoder:
     "`decoder`'s training passes replayed as CUDA graphs, one capture per batch shape; anything else runs as before."
-    def __init__(self, decoder, capture=None, max_shapes:int=32, strict:bool=False, accumulating:bool=False):
+    def __init__(self, decoder, capture=None, max_shapes:int=32, strict:bool=False, accumulating:bool=False,
+                 distributed:bool=False):
         self.decoder, self.eager, self.graphs, self.max_shapes = decoder, decoder.forward, {}, max_shapes
         self.own = vars(decoder).get('forward')  # a forward set on the instance before ours (a hook's), to give back
         self.capture = capture or partial(graph_capture, pool=torch.cuda.graph_pool_handle())
         self.replays = self.eager_calls = self.captures = 0
         self.strict, self.failed = strict, None
         decoder.forward = self  # an instance attribute: nn.Module.__call__ finds it before the class's forward
-        self.hooks = grads_of_their_own(p for p in decoder.parameters() if p.requires_grad) if accumulating else []
+        trained = [p for p in decoder.parameters() if p.requires_grad]
+        self.hooks = grads_of_their_own(trained) if accumulating else []
+        self.accumulators = grad_accumulators_off_the_default_stream(trained) if distributed else []
 
     def __call__(self, *args, **kw):
         tensors = {k: kw.pop(k) for k in GRAPH_INPUTS if kw.get(k) is not None}
@@ -413,7 +424,7 @@ class GraphedDecoder:
         if self.own is None: del self.decoder.forward
         else: self.decoder.forward = self.own
         for h in self.hooks: h.remove()
-        self.graphs.clear(); self.hooks = []
+        self.graphs.clear(); self.hooks, self.accumulators = [], []
 
 class GraphsForThisRun(TrainerCallback):
     "When training ends, the decoder runs its own forward again and the graphs' memory is freed."
@@ -741,7 +752,8 @@ def build_trainer(cfg:RunConfig, data:PreparedData, model, tok, callbacks=(), li
     if graphed:  # TRL's fused LM head calls the backbone: that is what the graphs replay
         backbone = trainer.model.get_base_model().base_model
         trainer.graphed = GraphedDecoder(backbone, strict=cfg.train.cuda_graphs is True,
-                                         accumulating=trainer.args.gradient_accumulation_steps > 1)
+                                         accumulating=trainer.args.gradient_accumulation_steps > 1,
+                                         distributed=world_size() > 1)  # built before the trainer wraps it in DDP
         trainer.add_callback(GraphsForThisRun(trainer.graphed))
     trainer.embedding_on_cpu = use_host_embedding(cfg, trainer.model, checkpointed, graphed)
     if trainer.embedding_on_cpu: embedding_on_host(trainer)
