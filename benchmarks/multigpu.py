@@ -32,8 +32,8 @@ timing callback only.
   different masks in the two runs, so they are close, not equal). The training rows are cut to whole global batches:
   DDP fills a partial last batch by repeating examples on the other ranks, which changes that step's loss.
 * single-8b-micro: one GPU, one micro-batch of 4 per step: what each GPU of ddp-8b computes per step (diagnosis).
-  Since CUDA graphs by `auto` (2026-11-23) one GPU replays these passes as graphs, which DDP refuses, so it runs
-  faster than a DDP rank can: the halves cases below are the closer baseline.
+  Since CUDA graphs by `auto` (2026-11-23) one GPU replays these passes as graphs; since `5130c15` (2026-11-24) the
+  accumulated single-8b and each rank of ddp-8b replay them too (`04_training`, *Replays under DDP*).
 * halves-8b-balanced / halves-8b-grouped: single-8b with each micro-batch timed on its own (the GPU synchronized at
   each boundary): the work each GPU of ddp-8b would do at that step, so one GPU predicts DDP's scaling
   (`predicted_ddp_scaling`), with the product's balanced micro-batches and with transformers' length-grouped ones.

@@ -376,7 +376,7 @@ def grads_of_their_own(params) -> list:
     "Hooks giving each of `params` a `.grad` of its own, not a graph's output buffer that the next replay overwrites."
     return [p.register_hook(lambda g, p=p: g.clone() if p.grad is None else None) for p in params]
 
-# %% ../nbs/04_training.ipynb #c6462d8c
+# %% ../nbs/04_training.ipynb #37960841
 def grad_accumulators_off_the_default_stream(params) -> list:
     "Make autograd's gradient-storing nodes of `params` on a side stream, before DDP would make them on the legacy one."
     side = torch.cuda.Stream()
@@ -469,7 +469,8 @@ class SyncFreeSFTTrainer(SFTTrainer):
 def _record_step_counts(self):
     "TRL's per-step metrics from the counts kept since the last log: one gather, one wait for the GPU."
     counts = torch.stack(self._step_counts); self._step_counts = []
-    steps = self.accelerator.gather(counts).view(-1, *counts.shape).sum(0).tolist()  # summed over the processes
+    # flat: gloo's all-gather (DDP on CPUs) wants the gathered tensor's shape, which accelerate makes flat
+    steps = self.accelerator.gather(counts.flatten()).view(-1, *counts.shape).sum(0).tolist()  # summed over processes
     metrics = self._metrics['train']
     for valid, entropy, correct, seen in steps:
         metrics['entropy'].append(entropy / valid if valid > 0 else 0.0)
