@@ -469,7 +469,7 @@ class SyncFreeSFTTrainer(SFTTrainer):
 def _record_step_counts(self):
     "TRL's per-step metrics from the counts kept since the last log: one gather, one wait for the GPU."
     counts = torch.stack(self._step_counts); self._step_counts = []
-    # flat: gloo's all-gather (DDP on CPUs) wants the gathered tensor's shape, which accelerate makes flat
+    # flat: gloo's all-gather of CUDA tensors wants the gathered tensor's shape, which accelerate makes flat
     steps = self.accelerator.gather(counts.flatten()).view(-1, *counts.shape).sum(0).tolist()  # summed over processes
     metrics = self._metrics['train']
     for valid, entropy, correct, seen in steps:
