@@ -10,7 +10,8 @@ plain-graphs (no DDP), ddp-then-capture (captured inside DDP's forward), ddp-nob
 broadcast_buffers=False), capture-then-ddp (captured before DDP wraps), ddp-nosync-capture (inside no_sync),
 ddp-built-capture-direct (DDP built, captured by calling the decoder outside DDP's forward),
 ddp-eager-step-then-capture-direct (one eager DDP step first), accumulators-on-side-stream (the gradient-storing
-nodes made on a side stream first, then DDP, captured inside its forward), ddp-built-on-side-stream (DDP built on a
+nodes made on a side stream first, then DDP, captured inside its forward; at `5130c15`, which made the
+results file, the same three lines written out here), ddp-built-on-side-stream (DDP built on a
 side stream), product (what build_trainer does under DDP: `GraphedDecoder(..., distributed=True)` before DDP wraps).
 """
 import os, sys, traceback, torch, torch.distributed as dist
@@ -20,7 +21,7 @@ backend = sys.argv[1]
 dist.init_process_group(backend)
 from qlora_nb.core import ModelSettings, QuantSettings, LoraSettings, RunConfig, TrainSettings
 from qlora_nb.model import load_model
-from qlora_nb.train import add_run_lora, GraphedDecoder
+from qlora_nb.train import add_run_lora, GraphedDecoder, grad_accumulators_off_the_default_stream
 from qlora_nb.weights import tiny_model_dir
 cfg = RunConfig(model=ModelSettings(name=str(tiny_model_dir())), quant=QuantSettings(compute_dtype='bfloat16'),
                 lora=LoraSettings(lora_dropout=0.0), train=TrainSettings(liger=False, compile=False))
@@ -58,9 +59,7 @@ for variant in sys.argv[2:]:
             with torch.autocast('cuda', dtype=torch.bfloat16): dec(input_ids=ids, attention_mask=batch['attention_mask'])
             r += [step(d), step(d)]
         elif variant == 'accumulators-on-side-stream':
-            side = torch.cuda.Stream()
-            with torch.cuda.stream(side): keep = [q.view_as(q).grad_fn.next_functions[0][0] for q in m.parameters() if q.requires_grad]
-            torch.cuda.current_stream().wait_stream(side)
+            keep = grad_accumulators_off_the_default_stream([q for q in m.parameters() if q.requires_grad])
             g = GraphedDecoder(dec, strict=True); d = DDP(m, device_ids=[0]); r = [step(d), step(d), step(d)]
         elif variant == 'product':
             g = GraphedDecoder(dec, strict=True, distributed=True); d = DDP(m, device_ids=[0]); r = [step(d), step(d), step(d)]
